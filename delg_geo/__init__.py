@@ -1,0 +1,23 @@
+"""delg-geo: tell where a photo was taken, by DELG retrieval over geotagged images."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__", "Features", "Geolocator", "Prediction", "get_extractor"]
+
+
+def __getattr__(name: str):  # lazy, so `import delg_geo` does not import TensorFlow
+    if name == "Features":
+        from .features import Features
+
+        return Features
+    if name in ("Geolocator", "Prediction"):
+        from . import locate
+
+        return getattr(locate, name)
+    if name == "get_extractor":
+        from .models import get_extractor
+
+        return get_extractor
+    raise AttributeError(name)

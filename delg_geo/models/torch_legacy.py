@@ -1,0 +1,124 @@
+"""Read PyTorch's legacy (pre-zip, PyTorch < 1.6) ``.pth`` state dicts without PyTorch.
+
+The legacy format is a sequence of pickles: a magic number, a protocol version, a system-info
+dict, the state dict itself (whose tensors are persistent references to storages), the list of
+storage keys, and then each storage's raw bytes preceded by its element count (int64, LE).
+
+Only the handful of classes a state dict needs are resolved; anything else in the pickle is
+refused, so a crafted file cannot execute code.
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32,
+    "DoubleStorage": np.float64,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+
+
+class _TensorRef:
+    """A tensor waiting for its storage's bytes."""
+
+    def __init__(self, storage_key: str, offset: int, size: tuple, stride: tuple):
+        self.storage_key = storage_key
+        self.offset = offset
+        self.size = tuple(size)
+        self.stride = tuple(stride)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, *unused):
+    key, _stype = storage
+    return _TensorRef(key, storage_offset, size, stride)
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def __init__(self, f):
+        super().__init__(f)
+        self.storages: dict[str, _StorageType] = {}
+
+    def find_class(self, module: str, name: str):
+        if module == "collections" and name == "OrderedDict":
+            return collections.OrderedDict
+        if module == "torch._utils" and name == "_rebuild_tensor_v2":
+            return _rebuild_tensor_v2
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a weights file")
+
+    def persistent_load(self, pid):
+        # ('storage', storage_type, key, location, numel[, view_metadata])
+        if not isinstance(pid, tuple) or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        key, stype = str(pid[2]), pid[1]
+        if not isinstance(stype, _StorageType):
+            raise pickle.UnpicklingError(f"unexpected storage type {stype!r}")
+        self.storages.setdefault(key, stype)
+        return (key, stype)
+
+
+def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Return ``{name: ndarray}`` for a legacy-format PyTorch state dict."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = pickle.load(f)
+        if magic != LEGACY_MAGIC:
+            raise ValueError(f"{path}: not a legacy-format PyTorch file (bad magic number)")
+        protocol = pickle.load(f)
+        if protocol != 1001:
+            raise ValueError(f"{path}: unsupported legacy protocol {protocol}")
+        sys_info = pickle.load(f)
+        if not sys_info.get("little_endian", True):
+            raise ValueError(f"{path}: big-endian files are not supported")
+        unpickler = _SafeUnpickler(f)
+        state = unpickler.load()
+        storages = unpickler.storages
+        keys = pickle.load(f)
+        raw: dict[str, np.ndarray] = {}
+        for key in keys:
+            (numel,) = struct.unpack("<q", f.read(8))
+            stype = storages[str(key)]
+            nbytes = numel * stype.dtype.itemsize
+            buf = f.read(nbytes)
+            if len(buf) != nbytes:
+                raise ValueError(f"{path}: truncated (storage {key})")
+            raw[str(key)] = np.frombuffer(buf, dtype=stype.dtype)
+
+    out: dict[str, np.ndarray] = {}
+    for name, ref in state.items():
+        if not isinstance(ref, _TensorRef):
+            continue
+        flat = raw[ref.storage_key]
+        itemsize = flat.dtype.itemsize
+        if ref.size == ():
+            out[name] = flat[ref.offset : ref.offset + 1].reshape(()).copy()
+            continue
+        arr = np.lib.stride_tricks.as_strided(
+            flat[ref.offset :],
+            shape=ref.size,
+            strides=tuple(s * itemsize for s in ref.stride),
+            writeable=False,
+        )
+        out[name] = np.array(arr)  # contiguous copy
+    return out

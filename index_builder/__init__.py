@@ -1,0 +1,1 @@
+"""Turning geotagged image collections into delg-geo indexes."""
