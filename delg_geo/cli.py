@@ -1,0 +1,261 @@
+"""The ``delg-geo`` command line. Thin: every command calls the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import typer
+
+from .errors import DelgGeoError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell where a photo was taken, by DELG retrieval.")
+index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect indexes of geotagged images.")
+app.add_typer(index_app, name="index")
+
+try:  # the official-model commands live in their own module
+    from .cli_model import app as model_app
+
+    app.add_typer(model_app, name="model", help="Fetch or register official DELG SavedModels.")
+except ImportError:  # pragma: no cover
+    pass
+
+for _mod in ("cli_bench", "cli_serve"):
+    try:
+        __import__(f"delg_geo.{_mod}", fromlist=["register"]).register(app)
+    except ImportError:
+        pass
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"delg-geo: error: {msg}", err=True)
+
+
+def _emit_json(obj) -> None:
+    typer.echo(json.dumps(obj, default=_json_default))
+
+
+def _json_default(o):
+    import numpy as np
+
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(type(o).__name__)
+
+
+@app.command()
+def extract(
+    images: List[Path] = typer.Argument(..., help="Image files."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: efficientnet-lite0)."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
+    save_dir: Optional[Path] = typer.Option(None, "--save", help="Also write IMAGE_STEM.npz feature files here."),
+):
+    """Extract DELG global and local features of images."""
+    from .extract import iter_extract
+    from .models import get_extractor
+
+    ext = get_extractor(model)
+    failures = 0
+    if save_dir:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    for res in iter_extract(images, ext, progress=not json_out and len(images) > 20):
+        if not res.ok:
+            failures += 1
+            _err(res.error)
+            if json_out:
+                _emit_json({"image": res.path, "error": res.error})
+            continue
+        f = res.features
+        if save_dir:
+            f.save(save_dir / (Path(res.path).stem + ".npz"))
+        rec = {
+            "image": res.path,
+            "model": f.model_id,
+            "global_dim": f.global_dim,
+            "num_local": f.num_local,
+            "local_dim": f.local_dim,
+            "image_size": list(f.image_size),
+            "seconds": round(res.seconds, 4),
+        }
+        if json_out:
+            _emit_json(rec)
+        else:
+            typer.echo(
+                f"{res.path}: {f.model_id} global {f.global_dim}-D, {f.num_local} local x {f.local_dim}-D, "
+                f"{f.image_size[0]}x{f.image_size[1]}, {res.seconds:.2f} s"
+            )
+    if failures:
+        _err(f"{failures} of {len(images)} images failed")
+        raise typer.Exit(1)
+
+
+def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add):
+    from index_builder.build import BuildOptions, build_index
+
+    log = (lambda m: typer.echo(m, err=True))
+    rep = build_index(
+        images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,
+        overwrite=overwrite, allow_outside=allow_outside,
+        options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out), log=log,
+    )
+    d = rep.to_dict()
+    if json_out:
+        _emit_json(d)
+    else:
+        typer.echo(
+            f"index {rep.index_dir}: {rep.num_images} images ({rep.added} extracted now, {rep.resumed} resumed), "
+            f"{len(rep.skipped)} skipped, {rep.images_per_s:.2f} images/s, {rep.seconds:.1f} s in all"
+        )
+
+
+_IDX = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX).")
+
+
+@index_app.command("build")
+def index_build(
+    images_dir: Path = typer.Argument(..., help="Folder the metadata's image paths are relative to."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV (image,lat,lon), or a Placing/YFCC file."),
+    index: Path = typer.Option(..., "--index", "-i", help="Index folder to create."),
+    model: Optional[str] = typer.Option(None, "--model", "-m"),
+    from_exif: bool = typer.Option(False, "--from-exif", help="Read positions from EXIF GPS."),
+    fmt: str = typer.Option("auto", "--format", help="auto, csv, exif, vpr or yfcc."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths outside IMAGES_DIR."),
+    index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivfpq or hnsw."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Index a geotagged image collection."""
+    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False)
+
+
+@index_app.command("add")
+def index_add(
+    images_dir: Path = typer.Argument(...),
+    metadata: Optional[Path] = typer.Option(None, "--metadata"),
+    index: Optional[Path] = _IDX,
+    from_exif: bool = typer.Option(False, "--from-exif"),
+    fmt: str = typer.Option("auto", "--format"),
+    allow_outside: bool = typer.Option(False, "--allow-outside"),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Add images to an existing index (the whitening and FAISS index are refitted)."""
+    from .index import read_manifest
+
+    index = _index_or_env(index)
+    m = read_manifest(index) if (index / "manifest.json").exists() else None
+    model = m.model_id if m else None
+    _build(images_dir, metadata, index, model, from_exif, fmt, True, False, allow_outside, m.index_type if m else "auto", batch_size, json_out, add=True)
+
+
+@index_app.command("info")
+def index_info(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False, "--json")):
+    """Print an index's manifest."""
+    from .index import read_manifest
+
+    m = read_manifest(_index_or_env(index))
+    from dataclasses import asdict
+
+    d = asdict(m)
+    if json_out:
+        _emit_json(d)
+        return
+    for k, v in d.items():
+        if k == "skipped":
+            typer.echo(f"skipped: {len(v)}")
+            for s in v[:20]:
+                typer.echo(f"  row {s.get('row')}: {s.get('image')}: {s.get('reason')}")
+            if len(v) > 20:
+                typer.echo(f"  ... {len(v) - 20} more (see skipped.csv)")
+        elif isinstance(v, dict):
+            typer.echo(f"{k}: " + ", ".join(f"{a}={b}" for a, b in v.items()))
+        else:
+            typer.echo(f"{k}: {v}")
+
+
+def _index_or_env(index: Optional[Path]) -> Path:
+    from .config import default_index
+
+    index = index or default_index()
+    if index is None:
+        raise DelgGeoError("no index given: pass --index DIR or set DELG_GEO_INDEX")
+    return index
+
+
+@app.command()
+def query(
+    images: List[Path] = typer.Argument(..., help="Photos to locate."),
+    index: Optional[Path] = _IDX,
+    top_k: int = typer.Option(100, "--top-k", "-k", help="Candidates to verify."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Global retrieval only."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model."),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
+):
+    """Locate photos against an index."""
+    from .locate import Geolocator
+
+    geo = Geolocator.from_index(_index_or_env(index), model=model, top_k=top_k, verify=not no_verify)
+    failures = 0
+    rows = []
+    for pred in geo.locate_many(images, progress=not json_out and len(images) > 5):
+        if isinstance(pred, Exception):
+            failures += 1
+            _err(str(pred))
+            if json_out:
+                _emit_json({"image": getattr(pred, "path", ""), "error": str(pred)})
+            continue
+        if json_out:
+            _emit_json(pred.to_dict())
+        else:
+            rows.append(pred)
+    if rows:
+        typer.echo(_table(rows))
+    if failures:
+        _err(f"{failures} of {len(images)} images failed")
+        raise typer.Exit(1)
+
+
+def _table(preds) -> str:
+    head = ["image", "lat", "lon", "method", "conf", "inliers", "neighbour", "extract/search/verify ms"]
+    lines = []
+    for p in preds:
+        t = p.timings_ms
+        lines.append([
+            Path(p.image).name, f"{p.lat:.6f}", f"{p.lon:.6f}", p.method, f"{p.confidence:.2f}", str(p.inliers),
+            Path(p.neighbour.image).name, f"{t['extract']:.0f}/{t['search']:.1f}/{t['verify']:.0f}",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in lines]
+    for p in preds:
+        if p.note:
+            out.append(f"note: {Path(p.image).name}: {p.note}")
+    return "\n".join(out)
+
+
+def main() -> None:
+    try:
+        app()
+    except DelgGeoError as e:
+        _err(str(e))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        _err("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Stage 5 — locate: a photo's position from its verified nearest neighbours.
+
+``Geolocator.from_index(path).locate(image)`` extracts the query's features, searches the
+global index for the top-k candidates, verifies each candidate's local features geometrically,
+re-ranks by inliers, and answers with the location of the best verified neighbour. When no
+candidate reaches ``min_inliers`` it falls back to global retrieval and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import DelgGeoError, ImageLoadError
+from .features import Features
+from .geo import haversine_km
+from .images import LoadedImage, load_image
+from .index import GeoIndex
+from .search import search
+from .verify import VerifyConfig, verify_pair
+
+
+@dataclass(frozen=True)
+class LocateConfig:
+    top_k: int = 100
+    verify: bool = True
+    verify_config: VerifyConfig = field(default_factory=VerifyConfig)
+    distinct_km: float = 0.05  # alternatives closer than this to a shown place are the same place
+    num_alternatives: int = 5
+    workers: int = 2  # verification threads
+
+
+@dataclass
+class Neighbour:
+    id: int
+    image: str
+    lat: float
+    lon: float
+    similarity: float
+    inliers: int
+
+
+@dataclass
+class Alternative:
+    id: int
+    image: str
+    lat: float
+    lon: float
+    score: float  # confidence-like score of this place
+    inliers: int
+    similarity: float
+    distance_km: float  # from the prediction
+
+
+@dataclass
+class Prediction:
+    image: str
+    lat: float
+    lon: float
+    method: str  # "verified" or "global"
+    confidence: float  # 0..1
+    inliers: int
+    neighbour: Neighbour
+    alternatives: list[Alternative]
+    timings_ms: dict
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _confidence(inliers: int, min_inliers: int) -> float:
+    """Inlier count -> 0..1; reaches 0.5 at the verification threshold."""
+    return float(inliers / (inliers + min_inliers)) if inliers > 0 else 0.0
+
+
+class Geolocator:
+    """Python API mirroring ``delg-geo query``."""
+
+    def __init__(self, index: GeoIndex, extractor, config: LocateConfig | None = None):
+        index.check_model(extractor.model_id, extractor.fingerprint)
+        self.index = index
+        self.extractor = extractor
+        self.config = config or LocateConfig()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.workers))
+
+    @classmethod
+    def from_index(
+        cls,
+        index_dir: str | Path,
+        model: str | None = None,
+        config: LocateConfig | None = None,
+        device: str = "auto",
+        **locate_options,
+    ) -> "Geolocator":
+        from .models import get_extractor
+
+        index = GeoIndex(index_dir, device=device)
+        m = index.manifest
+        name = model or m.model_id
+        options = {}
+        if name == m.model_id and name == "efficientnet-lite0" and m.model_config:
+            from .models.lite_delg import LiteDelgConfig
+
+            cfg = dict(m.model_config)
+            for k in ("scales", "global_scales"):
+                if k in cfg:
+                    cfg[k] = tuple(cfg[k])
+            options["config"] = LiteDelgConfig(**cfg)
+        extractor = get_extractor(name, **options)
+        if config is None:
+            config = LocateConfig(**locate_options)
+        return cls(index, extractor, config)
+
+    # -- main entry points --------------------------------------------------------------------
+    def locate(self, image: str | Path | bytes | LoadedImage, name: str | None = None) -> Prediction:
+        t0 = time.perf_counter()
+        img = image if isinstance(image, LoadedImage) else load_image(image, max_side=self.extractor.max_side)
+        feats = self.extractor.extract(img)
+        t_extract = (time.perf_counter() - t0) * 1e3
+        label = name or (img.path if isinstance(image, LoadedImage) else str(image) if not isinstance(image, bytes) else "<bytes>")
+        return self.locate_features(feats, label, extract_ms=t_extract)
+
+    def locate_many(self, paths: Iterable[str | Path], progress: bool = False) -> Iterator[Prediction | ImageLoadError]:
+        """Batched extraction, then search and verification per query; errors are yielded, not raised."""
+        from .extract import iter_extract
+
+        for res in iter_extract(list(paths), self.extractor, progress="query" if progress else False):
+            if not res.ok:
+                yield ImageLoadError(res.path, res.error.split(": ", 1)[-1] if res.error else "failed")
+                continue
+            yield self.locate_features(res.features, res.path, extract_ms=res.seconds * 1e3)
+
+    def locate_features(self, feats: Features, label: str = "", extract_ms: float = 0.0) -> Prediction:
+        cfg = self.config
+        if feats.model_id != self.index.manifest.model_id:
+            raise DelgGeoError(f"features from model {feats.model_id!r} cannot query this index")
+        t1 = time.perf_counter()
+        cand = search(self.index, feats.global_descriptor, cfg.top_k)[0]
+        t2 = time.perf_counter()
+        inliers = np.zeros(len(cand.ids), np.int64)
+        if cfg.verify and len(cand.ids):
+            inliers = self.verify_candidates(feats, cand.ids)
+        t3 = time.perf_counter()
+        timings = {"extract": round(extract_ms, 2), "search": round((t2 - t1) * 1e3, 2), "verify": round((t3 - t2) * 1e3, 2)}
+        return self._decide(label, cand.ids, cand.similarities, inliers, timings)
+
+    def verify_candidates(self, feats: Features, ids: np.ndarray) -> np.ndarray:
+        vc = self.config.verify_config
+        q_kp = feats.keypoints[: vc.max_features]
+        q_desc = feats.local_descriptors[: vc.max_features]
+
+        def one(i: int) -> int:
+            kp, desc = self.index.local_features(int(i))
+            return verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, self.index.image_size(int(i))).inliers
+
+        return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
+
+    # -- decision ---------------------------------------------------------------------------
+    def _decide(self, label, ids, sims, inliers, timings) -> Prediction:
+        cfg = self.config
+        vc = cfg.verify_config
+        md = self.index.metadata
+        if len(ids) == 0:
+            raise DelgGeoError("the index returned no candidates")
+        verified = cfg.verify and inliers.max(initial=0) >= vc.min_inliers
+        if verified:
+            order = np.lexsort((-sims, -inliers))  # by inliers, ties by similarity
+            method = "verified"
+            note = ""
+        else:
+            order = np.argsort(-sims, kind="stable")
+            method = "global"
+            note = (
+                f"no candidate reached {vc.min_inliers} inliers (best {int(inliers.max(initial=0))}); "
+                "answered with the global top-1"
+                if cfg.verify
+                else "verification disabled; answered with the global top-1"
+            )
+        best = int(order[0])
+        bid = int(ids[best])
+        lat, lon = float(self.index.lats[bid]), float(self.index.lons[bid])
+        if verified:
+            conf = _confidence(int(inliers[best]), vc.min_inliers)
+        else:
+            conf = float(max(0.0, sims[best]) * 0.5)  # global-only answers never claim more than 0.5
+        neighbour = Neighbour(bid, str(md.at[bid, "image"]), lat, lon, float(sims[best]), int(inliers[best]))
+        alts: list[Alternative] = []
+        shown = [(lat, lon)]
+        for j in order[1:]:
+            if len(alts) >= cfg.num_alternatives:
+                break
+            cid = int(ids[j])
+            clat, clon = float(self.index.lats[cid]), float(self.index.lons[cid])
+            d = haversine_km(np.array([clat] * len(shown)), np.array([clon] * len(shown)),
+                             np.array([s[0] for s in shown]), np.array([s[1] for s in shown]))
+            if np.min(d) < cfg.distinct_km:
+                continue
+            shown.append((clat, clon))
+            score = _confidence(int(inliers[j]), vc.min_inliers) if verified else float(max(0.0, sims[j]) * 0.5)
+            alts.append(Alternative(cid, str(md.at[cid, "image"]), clat, clon, round(score, 4), int(inliers[j]),
+                                    float(sims[j]), float(d[0])))
+        return Prediction(
+            image=str(label), lat=lat, lon=lon, method=method, confidence=round(conf, 4),
+            inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings, note=note,
+        )

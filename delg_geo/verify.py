@@ -1,0 +1,99 @@
+"""Stage 4 — verify: local-descriptor matching and geometric verification with pydegensac.
+
+Matching keeps mutual nearest neighbours whose cosine similarity passes ``min_similarity`` and
+whose first/second-neighbour ratio (in descriptor distance) passes ``ratio``. The matches are
+then fitted with pydegensac (a homography by default, or a fundamental matrix) and the inliers
+counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    model: str = "homography"  # or "fundamental"
+    px_threshold: float = 12.0  # reprojection / Sampson threshold in *original-image* pixels (scaled by size)
+    ref_side: float = 500.0  # px_threshold applies to an image whose longest side is this
+    confidence: float = 0.999
+    max_iters: int = 2000
+    ratio: float = 0.95  # Lowe ratio on descriptor distances; 1.0 disables
+    min_similarity: float = 0.0  # cosine threshold on a mutual match
+    min_inliers: int = 12  # a candidate with fewer inliers is not "verified"
+    max_features: int = 1000  # use at most this many (highest-attention) features per image
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Verification:
+    inliers: int
+    matches: int
+    inlier_pairs: np.ndarray  # (K, 2) int: query feature index, candidate feature index
+
+
+def mutual_matches(
+    qd: np.ndarray, cd: np.ndarray, ratio: float = 0.95, min_similarity: float = 0.0
+) -> np.ndarray:
+    """(K, 2) index pairs of mutual nearest neighbours between two L2-normalised sets."""
+    if len(qd) == 0 or len(cd) == 0:
+        return np.zeros((0, 2), np.int64)
+    sim = qd @ cd.T  # cosine similarity
+    nn12 = np.argmax(sim, axis=1)
+    nn21 = np.argmax(sim, axis=0)
+    idx = np.arange(len(qd))
+    keep = nn21[nn12] == idx
+    best = sim[idx, nn12]
+    if min_similarity > 0:
+        keep &= best >= min_similarity
+    if ratio < 1.0 and sim.shape[1] > 1:
+        part = np.partition(-sim, 1, axis=1)
+        second = -part[:, 1]
+        # distances of unit vectors: d = sqrt(2 - 2 s)
+        d1 = np.sqrt(np.maximum(2 - 2 * best, 0))
+        d2 = np.sqrt(np.maximum(2 - 2 * second, 1e-12))
+        keep &= d1 <= ratio * d2
+    return np.stack([idx[keep], nn12[keep]], axis=1)
+
+
+def verify_pair(
+    q_kp: np.ndarray,
+    q_desc: np.ndarray,
+    c_kp: np.ndarray,
+    c_desc: np.ndarray,
+    cfg: VerifyConfig = VerifyConfig(),
+    q_size: tuple[int, int] | None = None,
+    c_size: tuple[int, int] | None = None,
+) -> Verification:
+    """Match two feature sets and count the inliers of a pydegensac fit."""
+    import pydegensac
+
+    pairs = mutual_matches(
+        np.asarray(q_desc[: cfg.max_features], np.float32),
+        np.asarray(c_desc[: cfg.max_features], np.float32),
+        cfg.ratio,
+        cfg.min_similarity,
+    )
+    n = len(pairs)
+    need = 4 if cfg.model == "homography" else 8
+    if n < max(need, 5):
+        return Verification(0, n, np.zeros((0, 2), np.int64))
+    src = np.ascontiguousarray(q_kp[pairs[:, 0]], dtype=np.float64)
+    dst = np.ascontiguousarray(c_kp[pairs[:, 1]], dtype=np.float64)
+    # Thresholds are given for a reference image size; scale them to these images.
+    sides = [max(s) for s in (q_size, c_size) if s]
+    th = cfg.px_threshold * (max(sides) / cfg.ref_side if sides else 1.0)
+    if cfg.model == "homography":
+        _, mask = pydegensac.findHomography(src, dst, th, cfg.confidence, cfg.max_iters)
+    elif cfg.model == "fundamental":
+        _, mask = pydegensac.findFundamentalMatrix(
+            src, dst, th, cfg.confidence, cfg.max_iters, enable_degeneracy_check=True
+        )
+    else:
+        raise ValueError(f"unknown verification model {cfg.model!r}")
+    mask = np.asarray(mask, bool).ravel() if mask is not None else np.zeros(n, bool)
+    return Verification(int(mask.sum()), n, pairs[mask])

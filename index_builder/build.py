@@ -1,0 +1,389 @@
+"""Build, resume and extend a delg-geo index from a geotagged image collection.
+
+Extraction writes finished work to ``INDEX_DIR/.building/parts/part-NNNNN.npz`` (each part
+atomically), so an interrupted build (Ctrl-C, kill, power loss) resumes with ``--resume``
+without re-extracting what is done. The final files are written to ``INDEX_DIR/.staging`` and
+moved into place, and ``manifest.json`` is written last: without it an index never looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from delg_geo.errors import DelgGeoError, IndexFormatError
+from delg_geo.extract import iter_extract
+from delg_geo.index import (
+    DATA_FILES,
+    MANIFEST,
+    Manifest,
+    build_faiss,
+    choose_index_type,
+    library_versions,
+    now_iso,
+    read_manifest,
+    write_atomic,
+)
+from delg_geo.whitening import Whitening, fit_pca_whitening
+
+BUILDING = ".building"
+STAGING = ".staging"
+
+
+@dataclass
+class BuildOptions:
+    index_type: str = "auto"  # auto | flat | ivfpq | hnsw
+    batch_size: int = 4
+    part_size: int = 64  # images per checkpoint file
+    workers: int = 2  # decode threads
+    whitening_dim: int | None = None
+    whitening_power: float = 0.5
+    whitening_shrinkage: float = 0.1
+    progress: bool = True
+
+
+@dataclass
+class BuildReport:
+    index_dir: str
+    num_images: int  # in the finished index
+    added: int  # newly extracted in this run
+    resumed: int  # taken from an interrupted run's checkpoints
+    skipped: list = field(default_factory=list)
+    seconds: float = 0.0
+    extract_seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return self.added / self.extract_seconds if self.extract_seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["num_skipped"] = len(self.skipped)
+        d["images_per_s"] = round(self.images_per_s, 3)
+        return d
+
+
+def _state_path(index_dir: Path) -> Path:
+    return index_dir / BUILDING / "state.json"
+
+
+def _load_parts(index_dir: Path) -> list[dict]:
+    parts_dir = index_dir / BUILDING / "parts"
+    parts = []
+    for p in sorted(parts_dir.glob("part-*.npz")):
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                parts.append({k: z[k] for k in z.files})
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is re-extracted
+            p.unlink(missing_ok=True)
+    return parts
+
+
+def _write_part(index_dir: Path, number: int, rows: list[dict]) -> None:
+    parts_dir = index_dir / BUILDING / "parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    feats = [r["features"] for r in rows]
+    counts = np.array([f.num_local for f in feats], np.int64)
+    arrays = dict(
+        keys=np.array([r["key"] for r in rows]),
+        global_raw=np.stack([f.global_descriptor for f in feats]).astype(np.float32),
+        counts=counts,
+        keypoints=np.concatenate([f.keypoints for f in feats]).astype(np.float32),
+        descriptors=np.concatenate([f.local_descriptors for f in feats]).astype(np.float16),
+        scores=np.concatenate([f.scores for f in feats]).astype(np.float16),
+        sizes=np.array([f.image_size for f in feats], np.int64),
+    )
+    final = parts_dir / f"part-{number:05d}.npz"
+    tmp = parts_dir / f".part-{number:05d}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, final)
+
+
+def _existing_index_arrays(index_dir: Path) -> dict | None:
+    """The arrays of a complete index, as one part (for ``index add``)."""
+    if not (index_dir / MANIFEST).exists():
+        return None
+    read_manifest(index_dir)
+    md = pd.read_csv(index_dir / "metadata.csv", keep_default_na=False, na_values=[""])
+    offsets = np.load(index_dir / "local_offsets.npy")
+    return dict(
+        metadata=md,
+        global_raw=np.load(index_dir / "global_raw.npy"),
+        counts=np.diff(offsets),
+        keypoints=np.load(index_dir / "local_keypoints.npy"),
+        descriptors=np.load(index_dir / "local_descriptors.npy"),
+        scores=np.load(index_dir / "local_scores.npy"),
+    )
+
+
+def build_index(
+    images_dir: str | Path,
+    index_dir: str | Path,
+    metadata: str | Path | None = None,
+    *,
+    from_exif: bool = False,
+    fmt: str = "auto",
+    model: str | None = None,
+    extractor=None,
+    resume: bool = False,
+    add: bool = False,
+    overwrite: bool = False,
+    allow_outside: bool = False,
+    options: BuildOptions | None = None,
+    log=print,
+) -> BuildReport:
+    """Build (or ``resume``, or ``add`` to) the index at ``index_dir``. See the module docstring."""
+    from index_builder.sources import read_metadata
+
+    opts = options or BuildOptions()
+    t_start = time.perf_counter()
+    images_dir = Path(images_dir)
+    index_dir = Path(index_dir)
+    has_manifest = (index_dir / MANIFEST).exists()
+    has_building = (index_dir / BUILDING).exists() or (index_dir / STAGING).exists()
+
+    if overwrite and index_dir.exists() and not add:
+        if has_manifest or has_building or not any(index_dir.iterdir()):
+            shutil.rmtree(index_dir)
+        else:
+            raise DelgGeoError(f"{index_dir} exists and is not a delg-geo index; refusing to delete it")
+        has_manifest = has_building = False
+    if add and not has_manifest and not has_building:
+        raise IndexFormatError(f"{index_dir}: no index to add to (build one with `delg-geo index build`)")
+    if has_manifest and not add and not has_building:
+        raise DelgGeoError(
+            f"{index_dir} already holds an index; use `delg-geo index add` to extend it, "
+            "or --overwrite to rebuild it"
+        )
+    if has_building and not (resume or add):
+        raise DelgGeoError(
+            f"{index_dir} holds an interrupted build; continue it with --resume, or start over with --overwrite"
+        )
+    if (index_dir / STAGING / MANIFEST).exists():
+        # the previous run finished computing and died while moving files into place
+        _swap_staging(index_dir)
+        log(f"finished moving the staged index into place at {index_dir}")
+        if not add:
+            m = read_manifest(index_dir)
+            return BuildReport(str(index_dir), m.num_images, 0, m.num_images, m.skipped, time.perf_counter() - t_start)
+        has_manifest = True
+
+    if extractor is None:
+        from delg_geo.models import get_extractor
+
+        extractor = get_extractor(model)
+    existing = _existing_index_arrays(index_dir) if has_manifest else None
+    if existing is not None:
+        m = read_manifest(index_dir)
+        if m.model_fingerprint != extractor.fingerprint or m.model_id != extractor.model_id:
+            raise IndexFormatError(
+                f"{index_dir} was built with model {m.model_id!r} ({m.model_fingerprint[:12]}); "
+                f"cannot add features of {extractor.model_id!r} ({extractor.fingerprint[:12]})"
+            )
+
+    index_dir.mkdir(parents=True, exist_ok=True)
+    state_file = _state_path(index_dir)
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("model_fingerprint") != extractor.fingerprint:
+            raise IndexFormatError(
+                f"{index_dir}: the interrupted build used model {state.get('model_id')!r} "
+                f"({str(state.get('model_fingerprint'))[:12]}); resume it with that model or use --overwrite"
+            )
+    else:
+        state = {
+            "model_id": extractor.model_id,
+            "model_fingerprint": extractor.fingerprint,
+            "started": now_iso(),
+            "mode": "add" if add else "build",
+        }
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(state_file, json.dumps(state, indent=2))
+
+    records, skipped_rows = read_metadata(
+        images_dir, metadata=metadata, from_exif=from_exif, fmt=fmt, allow_outside=allow_outside
+    )
+    skipped = [dict(row=s.row, image=s.image, reason=s.reason) for s in skipped_rows]
+    for s in skipped_rows:
+        log(f"skipped row {s.row}: {s.image}: {s.reason}")
+
+    existing_keys = set(existing["metadata"]["path"]) if existing is not None else set()
+    new_records = []
+    for r in records:
+        key = str(r.path.resolve())
+        if key in existing_keys:
+            skipped.append(dict(row=r.row, image=r.image, reason="already in the index"))
+            continue
+        new_records.append((key, r))
+    parts = _load_parts(index_dir)
+    done = {str(k) for p in parts for k in p["keys"]}
+    failed_file = index_dir / BUILDING / "failed.jsonl"
+    failed = {}
+    if failed_file.exists():
+        for line in failed_file.read_text().splitlines():
+            if line.strip():
+                d = json.loads(line)
+                failed[d["key"]] = d
+    todo = [(k, r) for k, r in new_records if k not in done and k not in failed]
+    resumed = sum(1 for k, _ in new_records if k in done)
+    if resumed:
+        log(f"resuming: {resumed} images already extracted, {len(todo)} to go")
+
+    by_key = {k: r for k, r in new_records}
+    t_extract = time.perf_counter()
+    next_part = max([int(p.name[5:10]) for p in (index_dir / BUILDING / "parts").glob("part-*.npz")], default=-1) + 1
+    buffer: list[dict] = []
+    added = 0
+    try:
+        for res in iter_extract(
+            [str(r.path) for _, r in todo],
+            extractor,
+            batch_size=opts.batch_size,
+            workers=opts.workers,
+            progress="index" if opts.progress else False,
+        ):
+            key, rec = todo[res.index]
+            if not res.ok:
+                log(f"skipped row {rec.row}: {res.error}")
+                entry = dict(key=key, row=rec.row, image=rec.image, reason=res.error)
+                with open(failed_file, "a") as f:
+                    f.write(json.dumps(entry) + "\n")
+                failed[key] = entry
+                continue
+            buffer.append(dict(key=key, features=res.features))
+            if len(buffer) >= opts.part_size:
+                _write_part(index_dir, next_part, buffer)
+                next_part += 1
+                added += len(buffer)
+                buffer = []
+        if buffer:
+            _write_part(index_dir, next_part, buffer)
+            added += len(buffer)
+            buffer = []
+    except KeyboardInterrupt:
+        raise DelgGeoError(
+            f"interrupted: {added + resumed} images are checkpointed in {index_dir / BUILDING}; "
+            "continue with the same command and --resume"
+        ) from None
+    extract_seconds = time.perf_counter() - t_extract
+    skipped.extend(dict(row=d["row"], image=d["image"], reason=d["reason"]) for d in failed.values())
+
+    parts = _load_parts(index_dir)
+    _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif)
+    m = read_manifest(index_dir)
+    return BuildReport(
+        str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds
+    )
+
+
+def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif):
+    rows, g_list, c_list, kp_list, d_list, s_list = [], [], [], [], [], []
+    if existing is not None:
+        md_old = existing["metadata"]
+        g_list.append(existing["global_raw"])
+        c_list.append(existing["counts"])
+        kp_list.append(existing["keypoints"])
+        d_list.append(existing["descriptors"])
+        s_list.append(existing["scores"])
+    for p in parts:
+        for key, size in zip(p["keys"], p["sizes"]):
+            rec = by_key.get(str(key))
+            if rec is None:
+                raise DelgGeoError(
+                    f"{index_dir}: a checkpoint holds {key}, which is not in this run's metadata; "
+                    "resume with the same images and metadata, or use --overwrite"
+                )
+            rows.append(
+                dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]), **rec.extra)
+            )
+        g_list.append(p["global_raw"])
+        c_list.append(p["counts"])
+        kp_list.append(p["keypoints"])
+        d_list.append(p["descriptors"])
+        s_list.append(p["scores"])
+    md_new = pd.DataFrame(rows)
+    md = pd.concat([md_old, md_new], ignore_index=True) if existing is not None else md_new
+    if len(md) == 0:
+        raise DelgGeoError(f"no image could be indexed ({len(skipped)} skipped); nothing written to {index_dir}")
+    md = md.drop(columns=["id"], errors="ignore")
+    md.insert(0, "id", np.arange(len(md)))
+    global_raw = np.concatenate(g_list).astype(np.float32)
+    counts = np.concatenate(c_list).astype(np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    if getattr(extractor, "needs_whitening", False):
+        wh = fit_pca_whitening(global_raw, dim=opts.whitening_dim, power=opts.whitening_power, shrinkage=opts.whitening_shrinkage)
+        wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage, dim=wh.out_dim, fitted_on=len(global_raw))
+    else:
+        wh = Whitening.identity(global_raw.shape[1])
+        wh_info = dict(kind="identity", dim=wh.out_dim)
+    search_vectors = wh.apply(global_raw)
+    index_type = choose_index_type(len(md), opts.index_type)
+    import faiss
+
+    fidx = build_faiss(search_vectors, index_type)
+
+    staging = index_dir / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    md.to_csv(staging / "metadata.csv", index=False)
+    np.save(staging / "global_raw.npy", global_raw)
+    faiss.write_index(fidx, str(staging / "global.faiss"))
+    wh.save(staging / "whitening.npz")
+    np.save(staging / "local_offsets.npy", offsets)
+    np.save(staging / "local_keypoints.npy", np.concatenate(kp_list).astype(np.float32))
+    np.save(staging / "local_descriptors.npy", np.concatenate(d_list).astype(np.float16))
+    np.save(staging / "local_scores.npy", np.concatenate(s_list).astype(np.float16))
+    pd.DataFrame(skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
+
+    old = read_manifest(index_dir) if existing is not None else None
+    source = dict(
+        images_dir=str(Path(images_dir).resolve()),
+        metadata=str(metadata) if metadata else None,
+        from_exif=bool(from_exif),
+        format=fmt,
+        added=len(md) - (len(existing["metadata"]) if existing is not None else 0),
+        at=now_iso(),
+    )
+    files = {name: (staging / name).stat().st_size for name in (*DATA_FILES, "skipped.csv")}
+    manifest = Manifest(
+        model_id=extractor.model_id,
+        model_fingerprint=extractor.fingerprint,
+        global_dim=int(global_raw.shape[1]),
+        search_dim=int(search_vectors.shape[1]),
+        local_dim=int(extractor.local_dim),
+        num_images=len(md),
+        num_local_features=int(offsets[-1]),
+        num_skipped=len(skipped) + (old.num_skipped if old else 0),
+        index_type=index_type,
+        model_config=getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
+        whitening=wh_info,
+        files=files,
+        skipped=(old.skipped if old else []) + skipped,
+        sources=(old.sources if old else []) + [source],
+        versions=library_versions(),
+        created=old.created if old else state.get("started", now_iso()),
+        updated=now_iso(),
+    )
+    write_atomic(staging / MANIFEST, manifest.to_json())
+    _swap_staging(index_dir)
+
+
+def _swap_staging(index_dir: Path) -> None:
+    """Move the staged files into place; the manifest goes last, and only then is work removed."""
+    staging = index_dir / STAGING
+    (index_dir / MANIFEST).unlink(missing_ok=True)
+    for p in sorted(staging.iterdir()):
+        if p.name != MANIFEST:
+            os.replace(p, index_dir / p.name)
+    os.replace(staging / MANIFEST, index_dir / MANIFEST)
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
