@@ -1,0 +1,72 @@
+"""Kernel-density vote over the coordinates of retrieved neighbours ([L]kNN).
+
+Vo, Jacobs & Hays (2017), "Revisiting IM2GPS in the deep learning era": rather than trusting the
+single nearest neighbour, place a Gaussian kernel on each of the top-k neighbours' positions and
+predict the neighbour position where the similarity-weighted density is highest. A cluster of
+moderately similar photos taken at one place then beats a lone, very similar photo elsewhere.
+
+Score of neighbour ``i``: ``s_i = sum_j w_j exp(-d(i, j)^2 / (2 sigma^2))`` with ``d`` the
+great-circle distance and ``w_j = max(sim_j, 0) ** power``. The reported score is ``s_i / sum_j w_j``,
+the share of the vote supporting the chosen place (1 when all neighbours agree).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .geo import haversine_km, latlon_to_unit
+
+__all__ = ["knn_vote"]
+
+def _weighted_mean_latlon(lats: np.ndarray, lons: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    m = (w[:, None] * latlon_to_unit(lats, lons)).sum(axis=0)
+    return float(np.degrees(np.arctan2(m[2], np.hypot(m[0], m[1])))), float(np.degrees(np.arctan2(m[1], m[0])))
+
+
+def knn_vote(
+    neigh_lats,
+    neigh_lons,
+    sims,
+    sigma_km: float,
+    *,
+    refine: bool = True,
+    power: float = 1.0,
+) -> tuple[float, float, float]:
+    """Kernel-density vote over the top-k neighbours of one query.
+
+    ``neigh_lats``, ``neigh_lons``, ``sims``: 1-D arrays of the same length (the neighbours'
+    coordinates in degrees and their similarities to the query; NaN coordinates are ignored).
+    ``sigma_km``: kernel bandwidth. With ``refine`` the answer is the weighted mean (weights
+    ``w_j`` times the kernel) of the neighbours within ``sigma_km`` of the winning neighbour,
+    otherwise that neighbour's own position. Returns ``(lat, lon, score)``, score in [0, 1].
+    Ties go to the earlier neighbour; if no neighbour has a positive similarity the first valid
+    neighbour is returned with score 0.
+    """
+    lats = np.asarray(neigh_lats, dtype=np.float64).ravel()
+    lons = np.asarray(neigh_lons, dtype=np.float64).ravel()
+    s = np.asarray(sims, dtype=np.float64).ravel()
+    if not (lats.size == lons.size == s.size):
+        raise ValueError(f"lengths differ: {lats.size} lats, {lons.size} lons, {s.size} sims")
+    if not sigma_km > 0:
+        raise ValueError(f"sigma_km must be > 0, got {sigma_km}")
+    valid = np.isfinite(lats) & np.isfinite(lons)
+    if not valid.any():
+        raise ValueError("no neighbour with valid coordinates")
+    lats, lons, s = lats[valid], lons[valid], np.nan_to_num(s[valid], nan=0.0)
+    w = np.maximum(s, 0.0) ** float(power)
+    total = w.sum()
+    if total <= 0:
+        return float(lats[0]), float(lons[0]), 0.0
+    d = haversine_km(lats[:, None], lons[:, None], lats[None, :], lons[None, :])
+    kernel = np.exp(-(d**2) / (2.0 * float(sigma_km) ** 2))
+    density = kernel @ w
+    best = int(np.argmax(density))  # first maximum on ties
+    score = float(min(density[best] / total, 1.0))
+    if not refine:
+        return float(lats[best]), float(lons[best]), score
+    near = d[best] <= sigma_km
+    wn = w[near] * kernel[best, near]
+    if wn.sum() <= 0:  # the winner has no weight itself and its support lies beyond sigma
+        return float(lats[best]), float(lons[best]), score
+    lat, lon = _weighted_mean_latlon(lats[near], lons[near], wn)
+    return lat, lon, score
