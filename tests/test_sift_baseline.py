@@ -151,11 +151,17 @@ def test_index_cache_round_trip(exif_dir, feats, tmp_path, monkeypatch):
     assert sb._load_npz(victim) is not None  # rewritten
 
 
-
-
 def test_unwritable_cache_warns(tmp_path):
     Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "blank.jpg")
     (tmp_path / "cache").write_text("a file where the cache folder should be")
     with pytest.warns(UserWarning, match="SIFT cache not written"):
         idx = SiftIndex([tmp_path / "blank.jpg"], cache_dir=tmp_path / "cache")
     assert idx.n_extracted == 1 and not idx.failed
+
+
+def test_tiny_and_blank_images(tmp_path):
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "blank.jpg")
+    f = extract_sift(tmp_path / "blank.jpg")
+    assert len(f) == 0 and f.descriptors.shape == (0, 128) and f.image_size == (40, 30)
+    assert match_pair(f, f) == 0
+    assert SiftIndex([tmp_path / "blank.jpg"]).match(f).tolist() == [0]
