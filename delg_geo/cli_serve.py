@@ -1,0 +1,34 @@
+"""``delg-geo serve``: registered on the main CLI by :func:`register` (see delg_geo/cli.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def serve(
+        index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes it to the network)."),
+        port: int = typer.Option(8000, "--port", "-p", help="TCP port."),
+        model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model."),
+        max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest accepted upload, in MB."),
+        max_concurrent: int = typer.Option(2, "--max-concurrent", help="Photos located at the same time."),
+        device: str = typer.Option("auto", "--device", help="FAISS device: auto or cpu."),
+    ):
+        """Serve a web page and an HTTP API: drop a photo in, see where it was taken on a map."""
+        from .cli import _err, _index_or_env
+        from .errors import DelgGeoError
+        from .serve import run_server
+
+        try:
+            idx = _index_or_env(index)
+            typer.echo(f"delg-geo: loading {idx} ...", err=True)
+            run_server(idx, host, port, model=model, max_upload_mb=max_upload_mb, max_concurrent=max_concurrent,
+                       device=device)
+        except DelgGeoError as e:
+            _err(str(e))
+            raise typer.Exit(1)
