@@ -342,9 +342,9 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
     np.save(staging / "local_keypoints.npy", np.concatenate(kp_list).astype(np.float32))
     np.save(staging / "local_descriptors.npy", np.concatenate(d_list).astype(np.float16))
     np.save(staging / "local_scores.npy", np.concatenate(s_list).astype(np.float16))
-    pd.DataFrame(skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
-
     old = read_manifest(index_dir) if existing is not None else None
+    all_skipped = (old.skipped if old else []) + skipped
+    pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
     source = dict(
         images_dir=str(Path(images_dir).resolve()),
         metadata=str(metadata) if metadata else None,
@@ -362,12 +362,12 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         local_dim=int(extractor.local_dim),
         num_images=len(md),
         num_local_features=int(offsets[-1]),
-        num_skipped=len(skipped) + (old.num_skipped if old else 0),
+        num_skipped=len(all_skipped),
         index_type=index_type,
         model_config=getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
         whitening=wh_info,
         files=files,
-        skipped=(old.skipped if old else []) + skipped,
+        skipped=all_skipped,
         sources=(old.sources if old else []) + [source],
         versions=library_versions(),
         created=old.created if old else state.get("started", now_iso()),

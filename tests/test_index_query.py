@@ -1,0 +1,194 @@
+"""End to end on real Venice photos: build, resume, refuse, query, verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import shared_path
+from delg_geo.errors import DelgGeoError, IndexFormatError
+from delg_geo.geo import haversine_km
+from delg_geo.index import GeoIndex, read_manifest
+
+N_REF = 150
+N_QUERY = 15
+
+
+class CountingExtractor:
+    """Wraps an extractor; counts images and can simulate Ctrl-C after ``stop_after`` images."""
+
+    def __init__(self, inner, stop_after: int | None = None):
+        self.inner = inner
+        self.stop_after = stop_after
+        self.count = 0
+        for a in ("model_id", "fingerprint", "global_dim", "local_dim", "max_side", "needs_whitening", "config"):
+            setattr(self, a, getattr(inner, a))
+
+    def extract_batch(self, images):
+        if self.stop_after is not None and self.count + len(images) > self.stop_after:
+            raise KeyboardInterrupt
+        self.count += len(images)
+        return self.inner.extract_batch(images)
+
+    def extract(self, image):
+        return self.extract_batch([image])[0]
+
+
+def _subset(tmp_path_factory):
+    """References near the queries: the queries' true nearest photos are in the subset."""
+    venice = shared_path("venice")
+    ref = pd.read_csv(venice / "reference.csv")
+    q = pd.read_csv(venice / "queries.csv").iloc[::14].head(N_QUERY).reset_index(drop=True)
+    d = haversine_km(q.lat.values[:, None], q.lon.values[:, None], ref.lat.values[None], ref.lon.values[None])
+    near = np.unique(np.argsort(d, axis=1)[:, :6].ravel())
+    rest = np.setdiff1d(np.arange(len(ref)), near)[:: max(1, len(ref) // N_REF)]
+    chosen = np.concatenate([near, rest])[:N_REF]
+    out = tmp_path_factory.mktemp("venice_subset")
+    ref.iloc[np.sort(chosen)].to_csv(out / "reference.csv", index=False)
+    q.to_csv(out / "queries.csv", index=False)
+    return venice, out / "reference.csv", q
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, lite_extractor):
+    from index_builder.build import BuildOptions, build_index
+
+    venice, ref_csv, q = _subset(tmp_path_factory)
+    index_dir = tmp_path_factory.mktemp("idx") / "venice"
+    counting = CountingExtractor(lite_extractor)
+    rep = build_index(venice, index_dir, ref_csv, extractor=counting, options=BuildOptions(progress=False, part_size=32), log=lambda m: None)
+    return dict(venice=venice, ref_csv=ref_csv, queries=q, index_dir=index_dir, report=rep, extracted=counting.count)
+
+
+def test_build_writes_a_complete_index(built):
+    m = read_manifest(built["index_dir"])
+    assert m.num_images == N_REF == built["report"].num_images == built["extracted"]
+    assert m.model_id == "efficientnet-lite0" and m.global_dim == 1280 and m.local_dim == 112
+    assert m.num_local_features == N_REF * 1000
+    assert m.whitening["kind"] == "pca" and m.index_type == "flat"
+    md = pd.read_csv(built["index_dir"] / "metadata.csv")
+    assert list(md.columns[:5]) == ["id", "image", "path", "lat", "lon"] and "flickr_photo_id" in md.columns
+    idx = GeoIndex(built["index_dir"])
+    kp, desc = idx.local_features(3)
+    assert kp.shape == (1000, 2) and desc.shape == (1000, 112)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=2e-3)  # float16 storage
+    assert idx.descriptors.dtype == np.float16 and isinstance(idx.descriptors, np.memmap)
+
+
+def test_verification_beats_global_on_real_queries(built, lite_extractor):
+    from delg_geo.locate import Geolocator, LocateConfig
+
+    geo = Geolocator.from_index(built["index_dir"], config=LocateConfig(top_k=50))
+    glob = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=50, verify=False))
+    q = built["queries"]
+    paths = [str(built["venice"] / p) for p in q.image]
+    preds_v = list(geo.locate_many(paths))
+    preds_g = [glob.locate_features(geo.extractor.extract(__import__("delg_geo.images", fromlist=["x"]).load_image(p, max_side=1024)), p) for p in paths]
+    ev = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_v]), np.array([p.lon for p in preds_v])) * 1000
+    eg = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_g]), np.array([p.lon for p in preds_g])) * 1000
+    assert all(p.method == "global" for p in preds_g)
+    n_verified = sum(p.method == "verified" for p in preds_v)
+    assert n_verified >= 5, [p.inliers for p in preds_v]
+    # verification must do better than global top-1 at 100 m on the same queries
+    assert (ev <= 100).sum() > (eg <= 100).sum(), (np.round(ev), np.round(eg))
+    assert np.median(ev) < 250
+    for p in preds_v:
+        d = p.to_dict()
+        assert set(d) >= {"image", "lat", "lon", "method", "confidence", "inliers", "neighbour", "alternatives", "timings_ms"}
+        assert set(d["timings_ms"]) == {"extract", "search", "verify"}
+        assert 0 <= p.confidence <= 1
+        if p.method == "verified":
+            assert p.confidence >= 0.5 and p.inliers >= geo.config.verify_config.min_inliers
+        json.dumps(d)
+        for a in p.alternatives:
+            assert a.distance_km >= geo.config.distinct_km
+
+
+def test_resume_after_interrupt(built, tmp_path, lite_extractor):
+    from index_builder.build import BuildOptions, build_index
+
+    index_dir = tmp_path / "resumed"
+    opts = BuildOptions(progress=False, part_size=16)
+    small = tmp_path / "small.csv"
+    pd.read_csv(built["ref_csv"]).head(40).to_csv(small, index=False)
+    with pytest.raises(DelgGeoError, match="--resume"):
+        build_index(built["venice"], index_dir, small, extractor=CountingExtractor(lite_extractor, stop_after=20), options=opts, log=lambda m: None)
+    # interrupted: the folder must not look like an index
+    with pytest.raises(IndexFormatError, match="resume"):
+        GeoIndex(index_dir)
+    assert not (index_dir / "manifest.json").exists()
+    # without --resume it refuses to silently start over
+    with pytest.raises(DelgGeoError, match="interrupted build"):
+        build_index(built["venice"], index_dir, small, extractor=lite_extractor, options=opts, log=lambda m: None)
+    counting = CountingExtractor(lite_extractor)
+    rep = build_index(built["venice"], index_dir, small, extractor=counting, resume=True, options=opts, log=lambda m: None)
+    assert rep.resumed == 16 and counting.count == 40 - 16 and rep.num_images == 40
+    # same content as the first 40 of the uninterrupted build
+    full = np.load(built["index_dir"] / "global_raw.npy")
+    got = np.load(index_dir / "global_raw.npy")
+    full_md = pd.read_csv(built["index_dir"] / "metadata.csv").set_index("image")
+    got_md = pd.read_csv(index_dir / "metadata.csv")
+    rows = full_md.loc[got_md.image, "id"].to_numpy()
+    np.testing.assert_allclose(got, full[rows], atol=1e-4)
+    assert not (index_dir / ".building").exists()
+
+
+def test_model_mismatch_is_refused(built):
+    from delg_geo.locate import Geolocator
+    from delg_geo.models.lite_delg import LiteDelgExtractor
+
+    other = LiteDelgExtractor(gem_p=2.0)  # another fingerprint
+    idx = GeoIndex(built["index_dir"])
+    with pytest.raises(IndexFormatError, match="built with model"):
+        Geolocator(idx, other)
+
+
+def test_damaged_index_is_refused(built, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(built["index_dir"], copy)
+    with open(copy / "local_descriptors.npy", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(IndexFormatError, match="local_descriptors.npy"):
+        GeoIndex(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(IndexFormatError, match="corrupt manifest"):
+        GeoIndex(copy)
+    with pytest.raises(IndexFormatError, match="not found"):
+        GeoIndex(tmp_path / "nothing")
+
+
+def test_add_and_skip_bad_rows(built, tmp_path, lite_extractor):
+    from index_builder.build import BuildOptions, build_index
+
+    venice = built["venice"]
+    base = pd.read_csv(built["ref_csv"])
+    first = tmp_path / "first.csv"
+    base.head(6).to_csv(first, index=False)
+    index_dir = tmp_path / "idx"
+    opts = BuildOptions(progress=False)
+    build_index(venice, index_dir, first, extractor=lite_extractor, options=opts, log=lambda m: None)
+    # second batch: 3 new good rows, one already indexed, plus bad rows of every kind
+    (tmp_path / "junk").mkdir()
+    bad_img = venice / "images" / "not_there.jpg"
+    extra = pd.concat([base.iloc[5:9], pd.DataFrame([
+        dict(image="images/not_there.jpg", lat=45.43, lon=12.33),
+        dict(image=base.image.iloc[10], lat=95.0, lon=12.3),
+        dict(image=base.image.iloc[11], lat=float("nan"), lon=12.3),
+        dict(image="../../etc/passwd", lat=45.4, lon=12.3),
+    ])], ignore_index=True)
+    second = tmp_path / "second.csv"
+    extra.to_csv(second, index=False)
+    rep = build_index(venice, index_dir, second, extractor=lite_extractor, add=True, options=opts, log=lambda m: None)
+    m = read_manifest(index_dir)
+    assert m.num_images == 9 and rep.added == 3
+    reasons = " | ".join(s["reason"] for s in m.skipped)
+    assert len(m.skipped) == 5, reasons
+    assert "already in the index" in reasons
+    skipped_csv = pd.read_csv(index_dir / "skipped.csv")
+    assert len(skipped_csv) == 5
+    assert len(m.sources) == 2
+    assert not bad_img.exists()
