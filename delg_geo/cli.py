@@ -32,6 +32,12 @@ for _mod in ("cli_bench", "cli_serve"):
         pass
 
 
+def _throughput() -> None:
+    from .runtime import configure_for_throughput
+
+    configure_for_throughput()
+
+
 def _err(msg: str) -> None:
     typer.echo(f"delg-geo: error: {msg}", err=True)
 
@@ -65,6 +71,8 @@ def extract(
     from .extract import iter_extract
     from .models import get_extractor
 
+    if len(images) > 1:
+        _throughput()
     ext = get_extractor(model)
     failures = 0
     if save_dir:
@@ -103,6 +111,7 @@ def extract(
 def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add):
     from index_builder.build import BuildOptions, build_index
 
+    _throughput()
     log = (lambda m: typer.echo(m, err=True))
     rep = build_index(
         images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,

@@ -7,6 +7,7 @@ for the whole batch.
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -46,6 +47,28 @@ def _run_batch(extractor, images: Sequence[LoadedImage]) -> list[Features]:
     return [extractor.extract(im) for im in images]
 
 
+def _run_part(extractor, images, names):
+    """Extract one batch; a failure is retried image by image so one bad image costs only itself."""
+    t0 = time.perf_counter()
+    try:
+        feats = _run_batch(extractor, images)
+        errors = [None] * len(images)
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # noqa: BLE001
+        feats, errors = [], []
+        for im, name in zip(images, names):
+            try:
+                feats.append(extractor.extract(im))
+                errors.append(None)
+            except KeyboardInterrupt:
+                raise
+            except Exception as e1:  # noqa: BLE001
+                feats.append(None)
+                errors.append(f"{name}: feature extraction failed ({e1 or e})")
+    return feats, errors, time.perf_counter() - t0
+
+
 def iter_extract(
     paths: Iterable[str | Path],
     extractor,
@@ -53,11 +76,14 @@ def iter_extract(
     window: int = 32,
     workers: int = 2,
     progress: bool | str = False,
+    net_workers: int | None = None,
 ) -> Iterator[ExtractResult]:
     """Yield one :class:`ExtractResult` per path, in input order.
 
     ``window`` paths are decoded in parallel while the previous window runs through the network;
-    inside a window, images of equal size are batched ``batch_size`` at a time.
+    inside a window, images of equal size are batched ``batch_size`` at a time, and
+    ``net_workers`` batches (default: one per core) run through the network concurrently, which
+    keeps both cores of a small machine busy where one forward pass alone does not.
     """
     paths = [str(p) for p in paths]
     bar = None
@@ -66,7 +92,8 @@ def iter_extract(
 
         bar = tqdm(total=len(paths), desc=progress if isinstance(progress, str) else "extract", unit="img")
     max_side = extractor.max_side
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    net_workers = net_workers or min(4, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=net_workers) as net:
         chunks = [list(range(i, min(i + window, len(paths)))) for i in range(0, len(paths), window)]
         pending = None
         for ci, chunk in enumerate(chunks):
@@ -85,26 +112,16 @@ def iter_extract(
                     results[i] = ExtractResult(i, paths[i], None, err, dt)
                 else:
                     by_size.setdefault(img.array.shape[:2], []).append(j)
-            for members in by_size.values():
-                for k in range(0, len(members), batch_size):
-                    part = members[k : k + batch_size]
-                    t0 = time.perf_counter()
-                    try:
-                        feats = _run_batch(extractor, [decoded[j][0] for j in part])
-                        errors = [None] * len(part)
-                    except Exception as e:  # a model failure on one batch: retry image by image
-                        feats, errors = [], []
-                        for j in part:
-                            try:
-                                feats.append(extractor.extract(decoded[j][0]))
-                                errors.append(None)
-                            except Exception as e1:  # noqa: BLE001
-                                feats.append(None)
-                                errors.append(f"{paths[chunk[j]]}: feature extraction failed ({e1 or e})")
-                    share = (time.perf_counter() - t0) / len(part)
-                    for j, f, err in zip(part, feats, errors):
-                        i = chunk[j]
-                        results[i] = ExtractResult(i, paths[i], f, err, share + decoded[j][2])
+            batches = [
+                members[k : k + batch_size] for members in by_size.values() for k in range(0, len(members), batch_size)
+            ]
+            futures = [net.submit(_run_part, extractor, [decoded[j][0] for j in part], [paths[chunk[j]] for j in part]) for part in batches]
+            for part, fut in zip(batches, futures):
+                feats, errors, seconds = fut.result()
+                share = seconds / len(part)
+                for j, f, err in zip(part, feats, errors):
+                    i = chunk[j]
+                    results[i] = ExtractResult(i, paths[i], f, err, share + decoded[j][2])
             for i in chunk:
                 if bar is not None:
                     bar.update(1)

@@ -49,7 +49,7 @@ def _require_framework():
         import fastapi  # noqa: F401
     except ImportError as e:
         raise DelgGeoError(
-            f"`delg-geo serve` needs the serve extra ({e.name} is missing): pip install 'delg-geo[serve]'"
+            f"`delg-geo serve` needs {e.name}, a delg-geo dependency: pip install -e ."
         ) from None
     try:  # python-multipart parses the uploads (its module was renamed in 0.0.13)
         import python_multipart  # noqa: F401
@@ -58,7 +58,7 @@ def _require_framework():
             import multipart  # noqa: F401
         except ImportError:
             raise DelgGeoError(
-                "`delg-geo serve` needs the serve extra (python-multipart is missing): pip install 'delg-geo[serve]'"
+                "`delg-geo serve` needs python-multipart, a delg-geo dependency: pip install -e ."
             ) from None
 
 

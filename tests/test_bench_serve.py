@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="needs the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("uvicorn", reason="needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="needs fastapi/uvicorn: pip install -e '.[test]'")
+pytest.importorskip("uvicorn", reason="needs fastapi/uvicorn: pip install -e '.[test]'")
 
 from _tiny_index import tiny_geo  # noqa: E402,F401  (session fixture)
 

@@ -25,8 +25,8 @@ if not CHROMIUM or not CHROMEDRIVER:
         allow_module_level=True,
     )
 pytest.importorskip("selenium", reason="the browser test drives Chromium with selenium: pip install selenium")
-pytest.importorskip("fastapi", reason="the browser test needs the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("uvicorn", reason="the browser test needs the serve extra: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="the browser test needs fastapi/uvicorn: pip install -e '.[test]'")
+pytest.importorskip("uvicorn", reason="the browser test needs fastapi/uvicorn: pip install -e '.[test]'")
 
 from selenium import webdriver  # noqa: E402
 from selenium.common.exceptions import TimeoutException  # noqa: E402

@@ -25,13 +25,15 @@ class CountingExtractor:
         self.inner = inner
         self.stop_after = stop_after
         self.count = 0
+        self._lock = __import__("threading").Lock()
         for a in ("model_id", "fingerprint", "global_dim", "local_dim", "max_side", "needs_whitening", "config"):
             setattr(self, a, getattr(inner, a))
 
     def extract_batch(self, images):
-        if self.stop_after is not None and self.count + len(images) > self.stop_after:
-            raise KeyboardInterrupt
-        self.count += len(images)
+        with self._lock:
+            if self.stop_after is not None and self.count + len(images) > self.stop_after:
+                raise KeyboardInterrupt
+            self.count += len(images)
         return self.inner.extract_batch(images)
 
     def extract(self, image):
@@ -116,7 +118,7 @@ def test_resume_after_interrupt(built, tmp_path, lite_extractor):
     small = tmp_path / "small.csv"
     pd.read_csv(built["ref_csv"]).head(40).to_csv(small, index=False)
     with pytest.raises(DelgGeoError, match="--resume"):
-        build_index(built["venice"], index_dir, small, extractor=CountingExtractor(lite_extractor, stop_after=20), options=opts, log=lambda m: None)
+        build_index(built["venice"], index_dir, small, extractor=CountingExtractor(lite_extractor, stop_after=36), options=opts, log=lambda m: None)
     # interrupted: the folder must not look like an index
     with pytest.raises(IndexFormatError, match="resume"):
         GeoIndex(index_dir)
@@ -126,7 +128,8 @@ def test_resume_after_interrupt(built, tmp_path, lite_extractor):
         build_index(built["venice"], index_dir, small, extractor=lite_extractor, options=opts, log=lambda m: None)
     counting = CountingExtractor(lite_extractor)
     rep = build_index(built["venice"], index_dir, small, extractor=counting, resume=True, options=opts, log=lambda m: None)
-    assert rep.resumed == 16 and counting.count == 40 - 16 and rep.num_images == 40
+    # the first window of 32 images was checkpointed (two parts of 16); the rest is redone
+    assert rep.resumed == 32 and counting.count == 40 - 32 and rep.num_images == 40
     # same content as the first 40 of the uninterrupted build
     full = np.load(built["index_dir"] / "global_raw.npy")
     got = np.load(index_dir / "global_raw.npy")

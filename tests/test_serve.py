@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi", reason="the serve tests need the serve extra: pip install -e '.[serve]'")
-pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip install -e '.[serve]'")
+pytest.importorskip("fastapi", reason="the serve tests need fastapi: pip install -e '.[test]'")
+pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip install -e '.[test]'")
 
 from fastapi.testclient import TestClient  # noqa: E402
 

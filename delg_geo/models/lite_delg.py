@@ -11,7 +11,9 @@ every machine. It mirrors the official DELG recipe on a different backbone:
 * **Local:** every position of the stride-16 ``local_layer`` map is a candidate; its attention
   score is the feature's L2 norm. The top ``max_features`` over all scales are kept; the keypoint
   is the centre of the position's cell mapped back to the original image; descriptors are the
-  L2-normalised feature vectors (112-D for ``stage5``, 80-D for ``stage4``).
+  L2-normalised feature vectors (112-D for ``stage5``, 80-D for ``stage4``). Cells on the
+  map's outer ring (``border``) are dropped: zero padding gives them large norms that matched
+  image borders to image borders.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class LiteDelgConfig:
     max_features: int = 1000
     max_side: int = 1024
     min_side: int = 32  # a pyramid level smaller than this (in pixels) is skipped
+    border: int = 1  # feature cells this close to the map edge are dropped (padding artefacts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,8 +73,20 @@ class LiteDelgExtractor:
         desc = json.dumps({"weights": backbone.fingerprint, "config": cfg.to_dict()}, sort_keys=True)
         self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()
         spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
-        self._full = tf.function(lambda x: full(x, training=False), input_signature=spec)
-        self._local = tf.function(lambda x: local_only(x, training=False), input_signature=spec)
+        p = float(cfg.gem_p)
+
+        def full_fn(x):
+            lmap, gmap = full(x, training=False)
+            # GeM in the graph (float32), so only (B, C) leaves TensorFlow
+            gem = tf.pow(tf.reduce_mean(tf.pow(tf.maximum(gmap, 1e-6), p), axis=[1, 2]), 1.0 / p)
+            return lmap, tf.norm(lmap, axis=-1), gem
+
+        def local_fn(x):
+            lmap = local_only(x, training=False)
+            return lmap, tf.norm(lmap, axis=-1)
+
+        self._full = tf.function(full_fn, input_signature=spec)
+        self._local = tf.function(local_fn, input_signature=spec)
 
     # -- public API -------------------------------------------------------------------------
     def extract(self, image: LoadedImage) -> Features:
@@ -109,21 +124,28 @@ class LiteDelgExtractor:
             x = t if (sh, sw) == (h, w) else tf.image.resize(t, (sh, sw), method="bilinear", antialias=s < 1)
             use_global = any(abs(s - g) < 1e-3 for g in cfg.global_scales)
             if use_global:
-                lmap, gmap = self._full(x)
-                g = _gem(gmap.numpy(), cfg.gem_p)
-                gsum += l2_normalize(g, axis=1)
+                lmap, norms, gem = self._full(x)
+                gsum += l2_normalize(gem.numpy(), axis=1)
             else:
-                lmap = self._local(x)
+                lmap, norms = self._local(x)
             lmap = lmap.numpy()
+            norms = norms.numpy()
             fh, fw, c = lmap.shape[1:]
             # centre of each feature cell in the scaled image, then in the loaded image
             ys = (np.arange(fh, dtype=np.float32) + 0.5) * (sh / fh) / (sh / h)
             xs = (np.arange(fw, dtype=np.float32) + 0.5) * (sw / fw) / (sw / w)
             gx, gy = np.meshgrid(xs, ys)
             xy = np.stack([gx.ravel(), gy.ravel()], axis=1)
+            keep = np.ones((fh, fw), bool)
+            bd = cfg.border
+            if bd > 0 and fh > 2 * bd and fw > 2 * bd:
+                keep[:bd] = keep[-bd:] = False
+                keep[:, :bd] = keep[:, -bd:] = False
+            keep = keep.ravel()
+            xy = xy[keep]
             for i in range(b):
-                d = lmap[i].reshape(-1, c)
-                sc = np.linalg.norm(d, axis=1)
+                d = lmap[i].reshape(-1, c)[keep]
+                sc = norms[i].reshape(-1)[keep]
                 k = min(cfg.max_features, sc.shape[0])
                 top = np.argpartition(-sc, k - 1)[:k] if k < sc.shape[0] else np.arange(sc.shape[0])
                 loc_scores[i].append(sc[top])
