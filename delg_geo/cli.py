@@ -212,6 +212,8 @@ def query(
     no_verify: bool = typer.Option(False, "--no-verify", help="Global retrieval only."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
+    map_out: Optional[Path] = typer.Option(None, "--map", help="Write a self-contained HTML map of the answers."),
+    explain: Optional[Path] = typer.Option(None, "--explain", help="Draw query vs verified neighbour with inlier matches (PNG)."),
 ):
     """Locate photos against an index."""
     from .locate import Geolocator
@@ -219,7 +221,17 @@ def query(
     geo = Geolocator.from_index(_index_or_env(index), model=model, top_k=top_k, verify=not no_verify)
     failures = 0
     rows = []
+    preds = []
     for pred in geo.locate_many(images, progress=not json_out and len(images) > 5):
+        if not isinstance(pred, Exception):
+            preds.append(pred)
+            if explain is not None:
+                from .explain import explain_prediction
+
+                target = explain if len(images) == 1 else explain.with_name(f"{explain.stem}-{Path(pred.image).stem}{explain.suffix or '.png'}")
+                explain_prediction(geo, pred.image, pred, target)
+                if not json_out:
+                    typer.echo(f"match picture: {target}", err=True)
         if isinstance(pred, Exception):
             failures += 1
             _err(str(pred))
@@ -232,6 +244,12 @@ def query(
             rows.append(pred)
     if rows:
         typer.echo(_table(rows))
+    if map_out is not None and preds:
+        from .mapview import write_prediction_map
+
+        write_prediction_map(preds, geo.index, map_out)
+        if not json_out:
+            typer.echo(f"map: {map_out}", err=True)
     if failures:
         _err(f"{failures} of {len(images)} images failed")
         raise typer.Exit(1)

@@ -33,6 +33,7 @@ class LocateConfig:
     distinct_km: float = 0.05  # alternatives closer than this to a shown place are the same place
     num_alternatives: int = 5
     workers: int = 2  # verification threads
+    places: bool = True  # attach the nearest place name (offline reverse geocoding)
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Alternative:
     inliers: int
     similarity: float
     distance_km: float  # from the prediction
+    place: dict | None = None  # nearest named place: name, admin1, country_code
 
 
 @dataclass
@@ -69,6 +71,7 @@ class Prediction:
     alternatives: list[Alternative]
     timings_ms: dict
     note: str = ""
+    place: dict | None = None  # nearest named place: name, admin1, country_code
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -205,7 +208,16 @@ class Geolocator:
             score = _confidence(int(inliers[j]), vc.min_inliers) if verified else float(max(0.0, sims[j]) * 0.5)
             alts.append(Alternative(cid, str(md.at[cid, "image"]), clat, clon, round(score, 4), int(inliers[j]),
                                     float(sims[j]), float(d[0])))
-        return Prediction(
+        pred = Prediction(
             image=str(label), lat=lat, lon=lon, method=method, confidence=round(conf, 4),
             inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings, note=note,
         )
+        if cfg.places:
+            from .places import nearest_places
+
+            pl = nearest_places([lat] + [a.lat for a in alts], [lon] + [a.lon for a in alts])
+            short = [{"name": p.name, "admin1": p.admin1, "country_code": p.country_code} for p in pl]
+            pred.place = short[0]
+            for a, p in zip(alts, short[1:]):
+                a.place = p
+        return pred

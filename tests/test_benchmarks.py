@@ -1,0 +1,41 @@
+"""Heavy real-data runs, outside the default test run: ``python -m pytest -m benchmark``.
+
+They report numbers (printed as JSON) and check the targets the README states; they are not
+timed unit tests.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, shared_path
+
+pytestmark = pytest.mark.benchmark
+
+
+def test_extraction_throughput():
+    shared_path("venice")
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_extract
+
+    out = bench_extract.main(["--n", "200", "--json"])
+    assert out["ok"] == 200
+    assert out["images_per_s"] >= 5.0, out  # README target on 2 cores, full 7-scale pyramid
+
+
+def test_venice_end_to_end(tmp_path):
+    """The whole Venice run (index build + every method), under 30 minutes on 2 cores."""
+    data = shared_path("venice")
+    env_out = tmp_path / "runs"
+    r = subprocess.run(["bash", str(REPO / "tools" / "venice_report.sh"), str(data)], cwd=REPO,
+                       env={**__import__("os").environ, "OUT": str(env_out)}, capture_output=True, text=True, timeout=1800)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((env_out / "venice-bench" / "summary.json").read_text())
+    m = summary["methods"]
+    print(json.dumps({k: v["accuracy_at_km"]["0.1"] for k, v in m.items()}))
+    assert m["verified"]["accuracy_at_km"]["0.1"] > m["global"]["accuracy_at_km"]["0.1"]
+    assert m["verified"]["accuracy_at_km"]["0.1"] > m["classifier"]["accuracy_at_km"]["0.1"]
+    assert m["oracle"]["accuracy_at_km"]["0.1"] >= 0.97
