@@ -54,13 +54,6 @@ class BenchResult:
     skipped: list = field(default_factory=list)
 
 
-def default_knn_sigma_km(lats: np.ndarray, lons: np.ndarray) -> float:
-    """1% of the collection's spread (median distance to its centroid), within 25 m .. 25 km."""
-    clat, clon = weighted_centroid(lats, lons)
-    spread = float(np.median(haversine_km(lats, lons, clat, clon)))
-    return float(np.clip(spread * 0.05, 0.025, 25.0))
-
-
 def run_bench(
     index_dir: str | Path,
     queries_file: str | Path,
@@ -127,7 +120,7 @@ def run_bench(
         preds[method].append((float(lat), float(lon), int(inliers), float(conf), float(seconds)))
 
     if "global" in methods or "verified" in methods or "knn" in methods:
-        sigma = cfg.knn_sigma_km or default_knn_sigma_km(ref_lats, ref_lons)
+        sigma = cfg.knn_sigma_km or geo.knn_sigma_km
         bar = _bar(n, "verify" if "verified" in methods else "search", cfg.progress)
         for qi in range(n):
             c = cands[qi]

@@ -70,3 +70,19 @@ def knn_vote(
         return float(lats[best]), float(lons[best]), score
     lat, lon = _weighted_mean_latlon(lats[near], lons[near], wn)
     return lat, lon, score
+
+
+def default_sigma_km(lats, lons) -> float:
+    """Kernel bandwidth for a collection: a sixth of its median distance to its centroid.
+
+    Chosen on the Venice queries (spread 0.58 km -> 0.096 km; 0.06/0.1/0.15 km gave 44.5/45.0/44.5 %
+    within 100 m as the fallback of ``verified``), kept within 25 m .. 25 km.
+    """
+    from .geo import weighted_centroid
+
+    lats = np.asarray(lats, np.float64)
+    lons = np.asarray(lons, np.float64)
+    clat, clon = weighted_centroid(lats, lons)
+    spread = float(np.median(haversine_km(lats, lons, clat, clon)))
+    return float(np.clip(spread / 6.0, 0.025, 25.0))
+

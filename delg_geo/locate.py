@@ -2,8 +2,19 @@
 
 ``Geolocator.from_index(path).locate(image)`` extracts the query's features, searches the
 global index for the top-k candidates, verifies each candidate's local features geometrically,
-re-ranks by inliers, and answers with the location of the best verified neighbour. When no
-candidate reaches ``min_inliers`` it falls back to global retrieval and says so.
+and answers with the location of the best verified neighbour:
+
+* **Verified neighbours vote.** Each candidate's support is the sum, over candidates within
+  ``vote_radius_km`` of it (itself included), of ``max(inliers - vote_base_inliers, 0)``; the
+  candidate with the most support wins (ties: more inliers). One wrong candidate with a few
+  chance inliers then loses to a place that several photos verify.
+* **Fallback.** When no candidate reaches ``min_inliers``, the answer is a kernel-density vote
+  over the global top-k ([L]kNN, ``fallback="knn"``) or the global top-1 (``fallback="global"``),
+  and ``method`` is ``global`` with a note that says so. With verification off (``--no-verify``)
+  the answer is the plain global top-1.
+
+Measured on the 220 Venice queries (README): best-inlier re-ranking 39.5 % within 100 m, with
+the vote 41.8 %, with the vote and the kNN fallback 45.0 % (global top-1: 34.5 %).
 """
 
 from __future__ import annotations
@@ -31,6 +42,10 @@ class LocateConfig:
     verify: bool = True
     verify_config: VerifyConfig = field(default_factory=VerifyConfig)
     distinct_km: float = 0.05  # alternatives closer than this to a shown place are the same place
+    vote_radius_km: float = 0.06  # verified candidates this close support each other
+    vote_base_inliers: int = 10  # inliers up to this count are treated as chance (90th pct of wrong pairs)
+    fallback: str = "knn"  # "knn" or "global", when nothing verifies
+    knn_sigma_km: float | None = None  # None: from the collection's extent (knn.default_sigma_km)
     num_alternatives: int = 5
     workers: int = 2  # verification threads
     places: bool = True  # attach the nearest place name (offline reverse geocoding)
@@ -90,6 +105,9 @@ class Geolocator:
         self.index = index
         self.extractor = extractor
         self.config = config or LocateConfig()
+        from .knn import default_sigma_km
+
+        self.knn_sigma_km = self.config.knn_sigma_km or default_sigma_km(index.lats, index.lons)
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.workers))
 
     @classmethod
@@ -172,27 +190,49 @@ class Geolocator:
         if len(ids) == 0:
             raise DelgGeoError("the index returned no candidates")
         verified = cfg.verify and inliers.max(initial=0) >= vc.min_inliers
+        lats_c = self.index.lats[ids]
+        lons_c = self.index.lons[ids]
         if verified:
-            order = np.lexsort((-sims, -inliers))  # by inliers, ties by similarity
-            method = "verified"
-            note = ""
+            w = np.maximum(inliers - cfg.vote_base_inliers, 0).astype(np.float64)
+            near = haversine_km(lats_c[:, None], lons_c[:, None], lats_c[None, :], lons_c[None, :]) <= cfg.vote_radius_km
+            support = near.astype(np.float64) @ w
+            # only places that at least one candidate verifies on its own can win
+            support = np.where(near[:, inliers >= vc.min_inliers].any(axis=1), support, -1.0)
+            winner = int(np.lexsort((-sims, -inliers, -support))[0])
+            # the answer is the best-verified photo of the winning place
+            members = np.flatnonzero(near[winner])
+            best = int(members[np.lexsort((-sims[members], -inliers[members]))[0]])
+            order = np.concatenate([[best], np.lexsort((-sims, -inliers, -support))])
+            order = order[np.sort(np.unique(order, return_index=True)[1])]
+            bid = int(ids[best])
+            lat, lon = float(self.index.lats[bid]), float(self.index.lons[bid])
+            conf = _confidence(int(inliers[best]), vc.min_inliers)
+            method, note = "verified", ""
         else:
             order = np.argsort(-sims, kind="stable")
             method = "global"
-            note = (
-                f"no candidate reached {vc.min_inliers} inliers (best {int(inliers.max(initial=0))}); "
-                "answered with the global top-1"
+            why = (
+                f"no candidate reached {vc.min_inliers} inliers (best {int(inliers.max(initial=0))})"
                 if cfg.verify
-                else "verification disabled; answered with the global top-1"
+                else "verification disabled"
             )
-        best = int(order[0])
-        bid = int(ids[best])
-        lat, lon = float(self.index.lats[bid]), float(self.index.lons[bid])
-        if verified:
-            conf = _confidence(int(inliers[best]), vc.min_inliers)
-        else:
-            conf = float(max(0.0, sims[best]) * 0.5)  # global-only answers never claim more than 0.5
-        neighbour = Neighbour(bid, str(md.at[bid, "image"]), lat, lon, float(sims[best]), int(inliers[best]))
+            if cfg.verify and cfg.fallback == "knn" and len(ids) > 1:
+                from .knn import knn_vote
+
+                lat, lon, score = knn_vote(lats_c, lons_c, sims, self.knn_sigma_km)
+                d = haversine_km(lats_c, lons_c, lat, lon)
+                best = int(np.argmin(d))  # the candidate nearest the voted position
+                order = np.concatenate([[best], order[order != best]])
+                note = f"{why}; answered with a kernel-density vote over the global top-{len(ids)}"
+                conf = float(max(0.0, sims[best]) * 0.5 * score)
+            else:
+                best = int(order[0])
+                lat, lon = float(lats_c[best]), float(lons_c[best])
+                note = f"{why}; answered with the global top-1"
+                conf = float(max(0.0, sims[best]) * 0.5)  # global-only answers never claim more than 0.5
+            bid = int(ids[best])
+        neighbour = Neighbour(bid, str(md.at[bid, "image"]), float(self.index.lats[bid]), float(self.index.lons[bid]),
+                              float(sims[best]), int(inliers[best]))
         alts: list[Alternative] = []
         shown = [(lat, lon)]
         for j in order[1:]:
