@@ -108,8 +108,13 @@ def extract(
         raise typer.Exit(1)
 
 
-def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add):
+def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None):
     from index_builder.build import BuildOptions, build_index
+
+    if yfcc is not None:  # a Placing 2016 list plus the YFCC100M metadata holding its coordinates
+        if metadata is None:
+            raise DelgGeoError("--yfcc needs --metadata PLACING_FILE (the photo-id list)")
+        metadata = (metadata, yfcc)
 
     _throughput()
     log = (lambda m: typer.echo(m, err=True))
@@ -144,10 +149,11 @@ def index_build(
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths outside IMAGES_DIR."),
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivfpq or hnsw."),
     batch_size: int = typer.Option(4, "--batch-size"),
+    yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata file, with a Placing 2016 list as --metadata."),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Index a geotagged image collection."""
-    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False)
+    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc)
 
 
 @index_app.command("add")

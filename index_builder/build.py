@@ -347,7 +347,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
     pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
     source = dict(
         images_dir=str(Path(images_dir).resolve()),
-        metadata=str(metadata) if metadata else None,
+        metadata=[str(m) for m in metadata] if isinstance(metadata, (tuple, list)) else (str(metadata) if metadata else None),
         from_exif=bool(from_exif),
         format=fmt,
         added=len(md) - (len(existing["metadata"]) if existing is not None else 0),
