@@ -87,7 +87,6 @@ def run_bench(
     methods = list(cfg.methods)
     rows: list[dict] = []
     failed: list[dict] = []
-    per_method_seconds = {m: 0.0 for m in methods}
 
     # 1. query features, batched
     t0 = time.perf_counter()

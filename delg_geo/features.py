@@ -22,7 +22,9 @@ class Features:
     scores: np.ndarray  # (N,) float32 attention
     image_size: tuple[int, int]  # (width, height) of the original image
     model_id: str
-    scales: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))  # (N,)
+    # (N,) per feature: the pyramid scale for efficientnet-lite0; the model's own ``scales``
+    # output (as the official DELG code reports it) for the official SavedModels.
+    scales: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.float32))
 
     @property
     def num_local(self) -> int:

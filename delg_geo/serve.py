@@ -168,7 +168,6 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
     from fastapi import FastAPI, File, HTTPException, Path as ApiPath, Query, Request, UploadFile
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from pydantic import BaseModel, Field
-    from starlette.concurrency import run_in_threadpool
 
     from . import __version__
     from .explain import render_explain, verify_against

@@ -300,9 +300,10 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
                     f"{index_dir}: a checkpoint holds {key}, which is not in this run's metadata; "
                     "resume with the same images and metadata, or use --overwrite"
                 )
-            rows.append(
-                dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]), **rec.extra)
-            )
+            row = dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]))
+            # the collection's extra columns are kept, but never over the index's own
+            row.update({k: v for k, v in rec.extra.items() if k not in row and k != "id"})
+            rows.append(row)
         g_list.append(p["global_raw"])
         c_list.append(p["counts"])
         kp_list.append(p["keypoints"])

@@ -7,7 +7,6 @@ timed unit tests.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -215,7 +215,7 @@ def test_bench_report_on_real_queries(built, tmp_path):
     q.to_csv(qcsv, index=False)
     out = tmp_path / "bench"
     cfg = BenchConfig(top_k=30, sift_top_k=10, progress=False, map=True)
-    res = run_bench(built["index_dir"], qcsv, tmp_path, out, cfg, log=lambda m: None)
+    run_bench(built["index_dir"], qcsv, tmp_path, out, cfg, log=lambda m: None)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["n_queries"] == N_QUERY and summary["n_failed"] == 1
     assert "broken.jpg" in summary["failed"][0]["img_id"]

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -171,9 +171,3 @@ class LiteDelgExtractor:
                 )
             )
         return feats
-
-
-def _gem(fmap: np.ndarray, p: float, eps: float = 1e-6) -> np.ndarray:
-    """Generalised-mean pooling over the spatial axes of a (B, H, W, C) non-negative map."""
-    x = np.maximum(fmap, eps).astype(np.float64)
-    return np.power(np.mean(np.power(x, p), axis=(1, 2)), 1.0 / p).astype(np.float32)
