@@ -46,6 +46,7 @@ class BuildOptions:
     whitening_dim: int | None = None
     whitening_power: float = 0.5
     whitening_shrinkage: float = 0.1
+    whitening_min_images: int = 100  # fewer than this: no whitening (too little data to fit it)
     progress: bool = True
 
 
@@ -319,12 +320,14 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
     counts = np.concatenate(c_list).astype(np.int64)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    if getattr(extractor, "needs_whitening", False):
+    if getattr(extractor, "needs_whitening", False) and len(global_raw) >= opts.whitening_min_images:
         wh = fit_pca_whitening(global_raw, dim=opts.whitening_dim, power=opts.whitening_power, shrinkage=opts.whitening_shrinkage)
         wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage, dim=wh.out_dim, fitted_on=len(global_raw))
     else:
         wh = Whitening.identity(global_raw.shape[1])
         wh_info = dict(kind="identity", dim=wh.out_dim)
+        if getattr(extractor, "needs_whitening", False):
+            wh_info["reason"] = f"{len(global_raw)} images, fewer than the {opts.whitening_min_images} needed to fit PCA whitening"
     search_vectors = wh.apply(global_raw)
     index_type = choose_index_type(len(md), opts.index_type)
     import faiss
