@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import DelgGeoError
+from .jsonio import json_default
 from .evaluate import DEFAULT_RADII_KM, MethodSummary, error_cdf_png, format_table, radius_key, summarize
 from .geo import haversine_km, weighted_centroid
 
@@ -240,7 +241,7 @@ def run_bench(
         if m in country_acc:
             d["country_accuracy"] = country_acc[m]
         summary["methods"][m] = d
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     table = format_table(summaries, cfg.radii_km)
     lines = [f"# delg-geo benchmark: {n} queries", "", table, ""]
     if country_acc:
@@ -326,13 +327,3 @@ def _bar(n, desc, enabled):
     from tqdm import tqdm
 
     return tqdm(total=n, desc=desc, unit="q")
-
-
-def _json_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)

@@ -13,6 +13,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import typer
 
 from .errors import DelgGeoError
+from .jsonio import json_default
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell where a photo was taken, by DELG retrieval.")
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect indexes of geotagged images.")
@@ -43,21 +44,7 @@ def _err(msg: str) -> None:
 
 
 def _emit_json(obj) -> None:
-    typer.echo(json.dumps(obj, default=_json_default))
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
+    typer.echo(json.dumps(obj, default=json_default))
 
 
 @app.command()

@@ -231,6 +231,7 @@ class GeoIndex:
             )
         self.lats = self.metadata["lat"].to_numpy(np.float64)
         self.lons = self.metadata["lon"].to_numpy(np.float64)
+        self.sizes = self.metadata[["width", "height"]].to_numpy(np.int64)  # per image, for verification
         self.faiss_index, self.device = (cpu_index, "cpu") if device == "cpu" else to_device(cpu_index)
 
     def __len__(self) -> int:
@@ -242,8 +243,7 @@ class GeoIndex:
         return np.asarray(self.keypoints[a:b], np.float32), np.asarray(self.descriptors[a:b], np.float32)
 
     def image_size(self, i: int) -> tuple[int, int]:
-        row = self.metadata.iloc[i]
-        return int(row["width"]), int(row["height"])
+        return int(self.sizes[i, 0]), int(self.sizes[i, 1])
 
     def check_model(self, model_id: str, fingerprint: str) -> None:
         m = self.manifest

@@ -253,10 +253,9 @@ class Geolocator:
             inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings, note=note,
         )
         if cfg.places:
-            from .places import nearest_places
+            from .places import place_dicts
 
-            pl = nearest_places([lat] + [a.lat for a in alts], [lon] + [a.lon for a in alts])
-            short = [{"name": p.name, "admin1": p.admin1, "country_code": p.country_code} for p in pl]
+            short = place_dicts([lat] + [a.lat for a in alts], [lon] + [a.lon for a in alts])
             pred.place = short[0]
             for a, p in zip(alts, short[1:]):
                 a.place = p

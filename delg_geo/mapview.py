@@ -24,6 +24,8 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
+from .jsonio import json_default
+
 #: Error bands (km) of the usual geolocation accuracy levels, with the colours of the bench map.
 ERROR_BANDS: tuple[tuple[float, str, str], ...] = (
     (1.0, "#1a9850", "street (< 1 km)"),
@@ -130,21 +132,7 @@ def reference_path(index, i: int) -> Path | None:
 
 def _json_for_html(obj: Any) -> str:
     """JSON that can sit inside ``<script type="application/json">``."""
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).replace("</", "<\\/")
-
-
-def _json_default(o):
-    import numpy as np
-
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(type(o).__name__)
+    return json.dumps(obj, separators=(",", ":"), default=json_default).replace("</", "<\\/")
 
 
 #: Page-independent map code: ``dgBaseMap(elementId, worldGeoJSON)`` -> a Leaflet map with the
@@ -318,7 +306,7 @@ def prediction_map_html(predictions: Iterable, index, title: str | None = None, 
     out = []
     panel = []
     for k, d in enumerate(preds):
-        if "place" not in d:
+        if not d.get("place"):
             try:
                 add_places(d)
             except Exception:  # noqa: BLE001 - a map without place names is still a map

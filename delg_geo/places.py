@@ -96,6 +96,11 @@ def _short(p: Place) -> dict:
     return {"name": p.name, "admin1": p.admin1, "country_code": p.country_code}
 
 
+def place_dicts(lats: Sequence[float], lons: Sequence[float]) -> list[dict]:
+    """``{name, admin1, country_code}`` of the nearest place to each point (one batched look-up)."""
+    return [_short(p) for p in nearest_places(lats, lons)]
+
+
 def add_places(pred_dict: dict) -> dict:
     """Add ``place: {name, admin1, country_code}`` to a ``Prediction.to_dict()`` and its alternatives.
 
@@ -103,8 +108,8 @@ def add_places(pred_dict: dict) -> dict:
     """
     alts = [a for a in pred_dict.get("alternatives") or [] if isinstance(a, dict)]
     points = [(pred_dict["lat"], pred_dict["lon"])] + [(a["lat"], a["lon"]) for a in alts]
-    places = nearest_places([p[0] for p in points], [p[1] for p in points])
-    pred_dict["place"] = _short(places[0])
+    places = place_dicts([p[0] for p in points], [p[1] for p in points])
+    pred_dict["place"] = places[0]
     for a, p in zip(alts, places[1:]):
-        a["place"] = _short(p)
+        a["place"] = p
     return pred_dict

@@ -22,7 +22,6 @@ Formats (``fmt``; ``"auto"`` picks one from the first line):
 from __future__ import annotations
 
 import csv
-import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +34,9 @@ from index_builder.sources import (
     _csv_delimiter,
     _find_column,
     _first_line,
-    _open_text,
     _parse_latlon,
     _sniff,
+    iter_csv_rows,
     read_csv_metadata,
     read_yfcc_metadata,
     resolve_image_path,
@@ -141,63 +140,27 @@ def _read_im2gps(csv_path: Path, images_dir) -> tuple[list[QueryItem], list[Skip
     items: list[QueryItem] = []
     skipped: list[Skipped] = []
     seen: dict[str, int] = {}
-    header: list[str] | None = None
-    try:
-        with _open_text(csv_path) as fh:
-            reader = csv.reader(fh)
-            last_line = 0
-            for fields in reader:
-                start = last_line + 1
-                last_line = reader.line_num
-                if not fields or all(not f.strip() for f in fields):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in fields]
-                    cols = {}
-                    for name, aliases in (
-                        ("IMG_ID", _IM2GPS_ID),
-                        ("LAT", _LAT_ALIASES),
-                        ("LON", _LON_ALIASES),
-                    ):
-                        idx = _find_column(header, aliases)
-                        if idx is None:
-                            raise MetadataError(
-                                f"{csv_path}: missing required column {name!r} "
-                                f"(columns found: {', '.join(header) or 'none'}; "
-                                "expected IMG_ID,AUTHOR,LAT,LON,...)"
-                            )
-                        cols[name] = idx
-                    continue
-
-                def get(i: int, fields: list[str] = fields) -> str:
-                    return fields[i].strip() if i < len(fields) else ""
-
-                img_id = get(cols["IMG_ID"])
-                if not img_id:
-                    skipped.append(Skipped(start, "", "empty IMG_ID"))
-                    continue
-                if img_id in seen:
-                    why = f"duplicate IMG_ID (first listed on line {seen[img_id]})"
-                    skipped.append(Skipped(start, img_id, why))
-                    continue
-                seen[img_id] = start
-                ll, why = _parse_latlon(get(cols["LAT"]), get(cols["LON"]))
-                if ll is None:
-                    skipped.append(Skipped(start, img_id, why))
-                    continue
-                path, why = resolve_image_path(img_id, root)
-                if path is None:
-                    skipped.append(Skipped(start, img_id, why))
-                    continue
-                if not path.is_file():
-                    why = "not a file" if path.exists() else "image not found"
-                    skipped.append(Skipped(start, img_id, f"{why}: {path}"))
-                    continue
-                items.append(QueryItem(img_id, path, ll[0], ll[1]))
-    except csv.Error as exc:
-        raise MetadataError(f"{csv_path}: not a readable CSV ({exc})") from None
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        raise MetadataError(f"{csv_path}: cannot read query file ({exc})") from None
-    if header is None:
-        raise MetadataError(f"{csv_path}: query file is empty")
+    required = (("IMG_ID", _IM2GPS_ID), ("LAT", _LAT_ALIASES), ("LON", _LON_ALIASES))
+    for start, get, _header, cols in iter_csv_rows(csv_path, required, "IMG_ID,AUTHOR,LAT,LON,...", ",", "query file"):
+        img_id = get(cols["IMG_ID"])
+        if not img_id:
+            skipped.append(Skipped(start, "", "empty IMG_ID"))
+            continue
+        if img_id in seen:
+            skipped.append(Skipped(start, img_id, f"duplicate IMG_ID (first listed on line {seen[img_id]})"))
+            continue
+        seen[img_id] = start
+        ll, why = _parse_latlon(get(cols["LAT"]), get(cols["LON"]))
+        if ll is None:
+            skipped.append(Skipped(start, img_id, why))
+            continue
+        path, why = resolve_image_path(img_id, root)
+        if path is None:
+            skipped.append(Skipped(start, img_id, why))
+            continue
+        if not path.is_file():
+            why = "not a file" if path.exists() else "image not found"
+            skipped.append(Skipped(start, img_id, f"{why}: {path}"))
+            continue
+        items.append(QueryItem(img_id, path, ll[0], ll[1]))
     return items, skipped

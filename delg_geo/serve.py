@@ -32,6 +32,7 @@ from typing import Optional
 import numpy as np
 
 from .errors import DelgGeoError, ImageLoadError
+from .jsonio import json_default
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
 
@@ -63,18 +64,7 @@ def _require_framework():
 
 
 def _dumps(obj) -> bytes:
-    def default(o):
-        if isinstance(o, np.integer):
-            return int(o)
-        if isinstance(o, np.floating):
-            return float(o)
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, Path):
-            return str(o)
-        raise TypeError(type(o).__name__)
-
-    return json.dumps(obj, default=default).encode()
+    return json.dumps(obj, default=json_default).encode()
 
 
 class _BodyTooLarge(Exception):
@@ -300,7 +290,9 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
                 raise HTTPException(415, f"not a readable image: {reason}") from None
             feats = geo.extractor.extract(img)
             pred = geo.locate_features(feats, name, extract_ms=(time.perf_counter() - t0) * 1e3)
-        d = add_places(pred.to_dict())
+        d = pred.to_dict()
+        if not d.get("place"):  # a Geolocator made with places=False
+            add_places(d)
         small = img
         if max(img.array.shape[:2]) > 960:
             from PIL import Image

@@ -232,6 +232,49 @@ def resolve_image_path(
     return Path(joined).resolve(), ""
 
 
+def iter_csv_rows(csv_path, required, expected: str, delimiter: str = ",", what: str = "file"):
+    """Yield ``(line, get, header, cols)`` for each non-blank data row of a CSV with a header.
+
+    ``required`` is ``((name, aliases), ...)``; ``cols[name]`` is the matched column index and
+    ``get(i)`` the row's stripped field ``i`` ("" when the row is short). ``line`` is the row's
+    first line number (the header is line 1). Missing columns, unreadable or empty files raise
+    MetadataError naming the file.
+    """
+    header: list[str] | None = None
+    cols: dict[str, int] = {}
+    try:
+        with _open_text(Path(csv_path)) as fh:
+            reader = csv.reader(fh, delimiter=delimiter)
+            last_line = 0
+            for fields in reader:
+                start = last_line + 1
+                last_line = reader.line_num
+                if not fields or all(not f.strip() for f in fields):
+                    continue
+                if header is None:
+                    header = [h.strip() for h in fields]
+                    for name, aliases in required:
+                        idx = _find_column(header, aliases)
+                        if idx is None:
+                            raise MetadataError(
+                                f"{csv_path}: missing required column {name!r} "
+                                f"(columns found: {', '.join(header) or 'none'}; expected {expected})"
+                            )
+                        cols[name] = idx
+                    continue
+
+                def get(i: int, fields: list[str] = fields) -> str:
+                    return fields[i].strip() if i < len(fields) else ""
+
+                yield start, get, header, cols
+    except csv.Error as exc:
+        raise MetadataError(f"{csv_path}: not a readable CSV ({exc})") from None
+    except (OSError, EOFError, lzma.LZMAError) as exc:
+        raise MetadataError(f"{csv_path}: cannot read {what} ({exc})") from None
+    if header is None:
+        raise MetadataError(f"{csv_path}: {what} is empty")
+
+
 def read_csv_metadata(csv_path, images_dir, allow_outside: bool = False) -> Result:
     """Read a CSV with columns ``image,lat,lon`` (any order, case-insensitive; ``latitude``,
     ``longitude``/``lng`` and ``path``/``filename`` are accepted too). Comma, tab or semicolon
@@ -253,72 +296,33 @@ def read_csv_metadata(csv_path, images_dir, allow_outside: bool = False) -> Resu
     records: list[GeoRecord] = []
     skipped: list[Skipped] = []
     seen: dict[Path, int] = {}
-    try:
-        with _open_text(csv_path) as fh:
-            reader = csv.reader(fh, delimiter=delim)
-            header: list[str] | None = None
-            last_line = 0
-            for fields in reader:
-                start = last_line + 1
-                last_line = reader.line_num
-                if not fields or all(not f.strip() for f in fields):
-                    continue
-                if header is None:
-                    header = [h.strip() for h in fields]
-                    cols = {}
-                    for name, aliases in (
-                        ("image", _IMAGE_ALIASES),
-                        ("lat", _LAT_ALIASES),
-                        ("lon", _LON_ALIASES),
-                    ):
-                        idx = _find_column(header, aliases)
-                        if idx is None:
-                            raise MetadataError(
-                                f"{csv_path}: missing required column {name!r} "
-                                f"(columns found: {', '.join(header) or 'none'}; "
-                                "expected image,lat,lon)"
-                            )
-                        cols[name] = idx
-                    extra_cols = [(i, h) for i, h in enumerate(header) if i not in cols.values()]
-                    continue
-
-                def get(i: int, fields: list[str] = fields) -> str:
-                    return fields[i].strip() if i < len(fields) else ""
-
-                image = get(cols["image"])
-                if not image:
-                    skipped.append(Skipped(start, "", "empty image path"))
-                    continue
-                path, why = resolve_image_path(image, root, allow_outside)
-                if path is None:
-                    skipped.append(Skipped(start, image, why))
-                    continue
-                ll, why = _parse_latlon(get(cols["lat"]), get(cols["lon"]))
-                if ll is None:
-                    skipped.append(Skipped(start, image, why))
-                    continue
-                if not path.exists():
-                    skipped.append(Skipped(start, image, f"file not found: {path}"))
-                    continue
-                if not path.is_file():
-                    skipped.append(Skipped(start, image, f"not a file: {path}"))
-                    continue
-                if path in seen:
-                    skipped.append(
-                        Skipped(
-                            start, image, f"duplicate image (first listed on line {seen[path]})"
-                        )
-                    )
-                    continue
-                seen[path] = start
-                extra = {h: get(i) for i, h in extra_cols}
-                records.append(GeoRecord(start, image, path, ll[0], ll[1], extra))
-    except csv.Error as exc:
-        raise MetadataError(f"{csv_path}: not a readable CSV ({exc})") from None
-    except (OSError, EOFError, lzma.LZMAError) as exc:
-        raise MetadataError(f"{csv_path}: cannot read metadata file ({exc})") from None
-    if header is None:
-        raise MetadataError(f"{csv_path}: metadata file is empty")
+    required = (("image", _IMAGE_ALIASES), ("lat", _LAT_ALIASES), ("lon", _LON_ALIASES))
+    for start, get, header, cols in iter_csv_rows(csv_path, required, "image,lat,lon", delim, "metadata file"):
+        extra_cols = [(i, h) for i, h in enumerate(header) if i not in cols.values()]
+        image = get(cols["image"])
+        if not image:
+            skipped.append(Skipped(start, "", "empty image path"))
+            continue
+        path, why = resolve_image_path(image, root, allow_outside)
+        if path is None:
+            skipped.append(Skipped(start, image, why))
+            continue
+        ll, why = _parse_latlon(get(cols["lat"]), get(cols["lon"]))
+        if ll is None:
+            skipped.append(Skipped(start, image, why))
+            continue
+        if not path.exists():
+            skipped.append(Skipped(start, image, f"file not found: {path}"))
+            continue
+        if not path.is_file():
+            skipped.append(Skipped(start, image, f"not a file: {path}"))
+            continue
+        if path in seen:
+            skipped.append(Skipped(start, image, f"duplicate image (first listed on line {seen[path]})"))
+            continue
+        seen[path] = start
+        extra = {h: get(i) for i, h in extra_cols}
+        records.append(GeoRecord(start, image, path, ll[0], ll[1], extra))
     return records, skipped
 
 

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -60,8 +61,11 @@ def main(argv=None) -> dict:
     rows = []
     for it in items:
         img = load_image(it.path, max_side=geo.extractor.max_side)
-        pv = geo.locate(img)
-        pg = glob.locate_features(geo.extractor.extract(img), str(it.path))
+        t0 = time.perf_counter()
+        feats = geo.extractor.extract(img)  # once, shared by both answers
+        extract_ms = (time.perf_counter() - t0) * 1e3
+        pv = geo.locate_features(feats, str(it.path), extract_ms=extract_ms)
+        pg = glob.locate_features(feats, str(it.path))
         rows.append(dict(
             verified_km=haversine_km(it.lat, it.lon, pv.lat, pv.lon), global_km=haversine_km(it.lat, it.lon, pg.lat, pg.lon),
             method=pv.method, inliers=pv.inliers, **{f"{k}_ms": v for k, v in pv.timings_ms.items()},
