@@ -55,6 +55,22 @@ class BenchResult:
     skipped: list = field(default_factory=list)
 
 
+def save_candidates(path: Path, rows: list[tuple], top_k: int) -> None:
+    """Every verified query's candidates as plain arrays (no pickle), for diagnosis.
+
+    ``img_id`` (N,), and (N, top_k) arrays ``ids`` (index ids, -1 as padding), ``similarities``
+    and ``inliers``. ``tools/diagnose_bench.py`` reads it.
+    """
+    n = len(rows)
+    ids = np.full((n, top_k), -1, np.int64)
+    sims = np.full((n, top_k), np.nan, np.float32)
+    inl = np.zeros((n, top_k), np.int32)
+    for i, (_img, c_ids, c_sims, c_inl) in enumerate(rows):
+        k = min(top_k, len(c_ids))
+        ids[i, :k], sims[i, :k], inl[i, :k] = c_ids[:k], c_sims[:k], c_inl[:k]
+    np.savez(path, img_id=np.array([str(r[0]) for r in rows]), ids=ids, similarities=sims, inliers=inl)
+
+
 def run_bench(
     index_dir: str | Path,
     queries_file: str | Path,
@@ -119,6 +135,7 @@ def run_bench(
     def add(method, lat, lon, inliers=0, conf=float("nan"), seconds=0.0):
         preds[method].append((float(lat), float(lon), int(inliers), float(conf), float(seconds)))
 
+    cand_rows: list[tuple] = []  # (img_id, candidate ids, similarities, inliers) for candidates.npz
     if "global" in methods or "verified" in methods or "knn" in methods:
         sigma = cfg.knn_sigma_km or geo.knn_sigma_km
         bar = _bar(n, "verify" if "verified" in methods else "search", cfg.progress)
@@ -136,7 +153,8 @@ def run_bench(
             if "verified" in methods:
                 t = time.perf_counter()
                 inl = geo.verify_candidates(feats[qi], ids)
-                p = geo._decide(ok_items[qi].img_id, ids, sims, inl, {})
+                cand_rows.append((ok_items[qi].img_id, ids, sims, inl))
+                p = geo.decide(ok_items[qi].img_id, ids, sims, inl)
                 add("verified", p.lat, p.lon, p.inliers, p.confidence, delg_shared + time.perf_counter() - t)
             bar.update(1)
         bar.close()
@@ -220,6 +238,8 @@ def run_bench(
             ))
     df = pd.DataFrame(rows)
     df.to_csv(out_dir / "predictions.csv", index=False)
+    if cand_rows:
+        save_candidates(out_dir / "candidates.npz", cand_rows, cfg.top_k)
     summary = {
         "n_queries": n,
         "n_failed": len(failed),

@@ -97,6 +97,38 @@ def _confidence(inliers: int, min_inliers: int) -> float:
     return float(inliers / (inliers + min_inliers)) if inliers > 0 else 0.0
 
 
+def vote_verified(
+    lats: np.ndarray,
+    lons: np.ndarray,
+    sims: np.ndarray,
+    inliers: np.ndarray,
+    min_inliers: int,
+    base_inliers: int,
+    radius_km: float,
+) -> tuple[int, np.ndarray]:
+    """The verified-neighbour vote over one query's candidates.
+
+    Returns ``(best, order)``: the index of the answering candidate, and all candidate indices
+    best-first. Each candidate's support is the sum, over candidates within ``radius_km`` of it,
+    of ``max(inliers - base_inliers, 0)``; only places where some candidate reaches
+    ``min_inliers`` can win, and the answer is the best-verified photo of the winning place.
+    The caller checks that at least one candidate reaches ``min_inliers``.
+    """
+    sims = np.asarray(sims, np.float64)
+    inliers = np.asarray(inliers)
+    w = np.maximum(inliers - base_inliers, 0).astype(np.float64)
+    near = haversine_km(lats[:, None], lons[:, None], lats[None, :], lons[None, :]) <= radius_km
+    support = near.astype(np.float64) @ w
+    # only places that at least one candidate verifies on its own can win
+    support = np.where(near[:, inliers >= min_inliers].any(axis=1), support, -1.0)
+    ranking = np.lexsort((-sims, -inliers, -support))
+    members = np.flatnonzero(near[int(ranking[0])])
+    best = int(members[np.lexsort((-sims[members], -inliers[members]))[0]])
+    order = np.concatenate([[best], ranking])
+    order = order[np.sort(np.unique(order, return_index=True)[1])]
+    return best, order
+
+
 class Geolocator:
     """Python API mirroring ``delg-geo query``."""
 
@@ -169,7 +201,7 @@ class Geolocator:
             inliers = self.verify_candidates(feats, cand.ids)
         t3 = time.perf_counter()
         timings = {"extract": round(extract_ms, 2), "search": round((t2 - t1) * 1e3, 2), "verify": round((t3 - t2) * 1e3, 2)}
-        return self._decide(label, cand.ids, cand.similarities, inliers, timings)
+        return self.decide(label, cand.ids, cand.similarities, inliers, timings)
 
     def verify_candidates(self, feats: Features, ids: np.ndarray) -> np.ndarray:
         vc = self.config.verify_config
@@ -183,7 +215,9 @@ class Geolocator:
         return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
 
     # -- decision ---------------------------------------------------------------------------
-    def _decide(self, label, ids, sims, inliers, timings) -> Prediction:
+    def decide(self, label, ids, sims, inliers, timings=None) -> Prediction:
+        """The answer for one query from its candidates (ids, similarities, inliers)."""
+        timings = timings or {}
         cfg = self.config
         vc = cfg.verify_config
         md = self.index.metadata
@@ -193,17 +227,8 @@ class Geolocator:
         lats_c = self.index.lats[ids]
         lons_c = self.index.lons[ids]
         if verified:
-            w = np.maximum(inliers - cfg.vote_base_inliers, 0).astype(np.float64)
-            near = haversine_km(lats_c[:, None], lons_c[:, None], lats_c[None, :], lons_c[None, :]) <= cfg.vote_radius_km
-            support = near.astype(np.float64) @ w
-            # only places that at least one candidate verifies on its own can win
-            support = np.where(near[:, inliers >= vc.min_inliers].any(axis=1), support, -1.0)
-            winner = int(np.lexsort((-sims, -inliers, -support))[0])
-            # the answer is the best-verified photo of the winning place
-            members = np.flatnonzero(near[winner])
-            best = int(members[np.lexsort((-sims[members], -inliers[members]))[0]])
-            order = np.concatenate([[best], np.lexsort((-sims, -inliers, -support))])
-            order = order[np.sort(np.unique(order, return_index=True)[1])]
+            best, order = vote_verified(lats_c, lons_c, sims, inliers, vc.min_inliers,
+                                        cfg.vote_base_inliers, cfg.vote_radius_km)
             bid = int(ids[best])
             lat, lon = float(self.index.lats[bid]), float(self.index.lons[bid])
             conf = _confidence(int(inliers[best]), vc.min_inliers)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -238,6 +239,21 @@ def test_bench_report_on_real_queries(built, tmp_path):
     np.testing.assert_allclose(v.great_circle_distance, recomputed, rtol=1e-9)
     assert (out / "error_cdf.png").stat().st_size > 5000
     assert (out / "bench_map.html").exists()
+    # every verified query's candidates are kept for diagnosis, and agree with the predictions
+    with np.load(out / "candidates.npz", allow_pickle=False) as z:
+        ids, inl = z["ids"], z["inliers"]
+        assert ids.shape == inl.shape == (N_QUERY, 30) and list(z["img_id"]) == list(v.img_id)
+    assert all(k in row for k, row in zip(v.inliers, inl))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    from diagnose_bench import diagnose
+
+    rep = diagnose(out, built["index_dir"], radius_km=0.1, repeats=2)
+    counts = dict(rep["breakdown"])
+    assert counts.pop("n_queries") == N_QUERY and sum(counts.values()) == N_QUERY
+    # the global top-1 is right exactly when the first candidate is within 100 m
+    assert rep["recall_at_k"][1] == pytest.approx(acc["global"])
+    assert rep["recall_at_k"][30] >= rep["recall_at_k"][1]
+    assert rep["cross_validation"]["default_accuracy"] == pytest.approx(acc["verified"])
     assert "| verified" in (out / "summary.md").read_text()
     assert (built["index_dir"] / "classifier" / "classifier.json").exists()
 
