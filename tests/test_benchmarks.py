@@ -38,3 +38,13 @@ def test_venice_end_to_end(tmp_path):
     assert m["verified"]["accuracy_at_km"]["0.1"] > m["global"]["accuracy_at_km"]["0.1"]
     assert m["verified"]["accuracy_at_km"]["0.1"] > m["classifier"]["accuracy_at_km"]["0.1"]
     assert m["oracle"]["accuracy_at_km"]["0.1"] >= 0.97
+    # the diagnosis ran on the same bench output: its numbers agree with the summary
+    sys.path.insert(0, str(REPO / "tools"))
+    from diagnose_bench import diagnose
+
+    rep = diagnose(env_out / "venice-bench", env_out / "venice-index")
+    print(json.dumps({k: rep[k] for k in ("recall_at_k", "breakdown")}))
+    assert rep["recall_at_k"][1] == pytest.approx(m["global"]["accuracy_at_km"]["0.1"])
+    assert rep["cross_validation"]["default_accuracy"] == pytest.approx(m["verified"]["accuracy_at_km"]["0.1"])
+    assert rep["recall_at_k"][100] >= 0.75  # the head-room re-ranking works with (README: 82 %)
+    assert "cross-validation" in (env_out / "venice-diagnosis.txt").read_text()
