@@ -55,7 +55,6 @@ class Manifest:
     local_dim: int
     num_images: int
     num_local_features: int
-    num_skipped: int
     index_type: str
     model_config: dict = field(default_factory=dict)
     whitening: dict = field(default_factory=dict)
@@ -66,6 +65,10 @@ class Manifest:
     created: str = ""
     updated: str = ""
     format_version: int = FORMAT_VERSION
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

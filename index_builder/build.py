@@ -366,7 +366,6 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         local_dim=int(extractor.local_dim),
         num_images=len(md),
         num_local_features=int(offsets[-1]),
-        num_skipped=len(all_skipped),
         index_type=index_type,
         model_config=getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
         whitening=wh_info,

@@ -450,22 +450,13 @@ def _fsync_tree(folder: Path) -> None:
     for dirpath, _dirs, files in os.walk(folder):
         for f in files:
             p = os.path.join(dirpath, f)
-            if os.path.islink(p):
-                continue
-            try:
-                fd = os.open(p, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-        _fsync_dir(dirpath)
+            if not os.path.islink(p):
+                _fsync_path(p)
+        _fsync_path(dirpath)
 
 
-def _fsync_dir(path: str | Path) -> None:
+def _fsync_path(path: str | Path) -> None:
+    """fsync one file or folder; best effort (some file systems refuse it)."""
     try:
         fd = os.open(str(path), os.O_RDONLY)
     except OSError:
@@ -503,7 +494,7 @@ def _install(src: Path, name: str) -> Path:
             except OSError:
                 pass
         raise ModelError(f"cannot install the model at {target}: {e}") from None
-    _fsync_dir(root)
+    _fsync_path(root)
     if old is not None:
         if old.is_symlink() or not old.is_dir():
             old.unlink(missing_ok=True)
