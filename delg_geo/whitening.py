@@ -18,7 +18,7 @@ from .features import l2_normalize
 @dataclass
 class Whitening:
     mean: np.ndarray  # (D,)
-    projection: np.ndarray  # (D, K): columns are scaled principal directions
+    projection: np.ndarray | None  # (D, K): columns are scaled principal directions; None = identity
 
     @property
     def in_dim(self) -> int:
@@ -26,23 +26,28 @@ class Whitening:
 
     @property
     def out_dim(self) -> int:
-        return int(self.projection.shape[1])
+        return self.in_dim if self.projection is None else int(self.projection.shape[1])
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         x = np.atleast_2d(np.asarray(x, np.float32))
+        if self.projection is None:
+            return l2_normalize(x - self.mean, axis=1)
         return l2_normalize((x - self.mean) @ self.projection, axis=1)
 
     def save(self, path: str | Path) -> None:
-        np.savez(path, mean=self.mean.astype(np.float32), projection=self.projection.astype(np.float32))
+        arrays = {"mean": self.mean.astype(np.float32)}
+        if self.projection is not None:  # an identity is not written out as a D x D matrix
+            arrays["projection"] = self.projection.astype(np.float32)
+        np.savez(path, **arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> "Whitening":
         with np.load(path, allow_pickle=False) as z:
-            return cls(mean=z["mean"], projection=z["projection"])
+            return cls(mean=z["mean"], projection=z["projection"] if "projection" in z.files else None)
 
     @classmethod
     def identity(cls, dim: int) -> "Whitening":
-        return cls(mean=np.zeros(dim, np.float32), projection=np.eye(dim, dtype=np.float32))
+        return cls(mean=np.zeros(dim, np.float32), projection=None)
 
 
 def fit_pca_whitening(
