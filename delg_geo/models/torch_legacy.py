@@ -1,18 +1,27 @@
-"""Read PyTorch's legacy (pre-zip, PyTorch < 1.6) ``.pth`` state dicts without PyTorch.
+"""Read PyTorch ``.pth`` state dicts without PyTorch: the legacy format and the zip format.
 
-The legacy format is a sequence of pickles: a magic number, a protocol version, a system-info
-dict, the state dict itself (whose tensors are persistent references to storages), the list of
-storage keys, and then each storage's raw bytes preceded by its element count (int64, LE).
+The legacy format (PyTorch < 1.6) is a sequence of pickles: a magic number, a protocol version,
+a system-info dict, the state dict itself (whose tensors are persistent references to storages),
+the list of storage keys, and then each storage's raw bytes preceded by its element count
+(int64, LE).
 
-Only the handful of classes a state dict needs are resolved; anything else in the pickle is
-refused, so a crafted file cannot execute code.
+The zip format (PyTorch >= 1.6, what ``torch.save`` writes today) is a zip archive with one
+top-level folder holding ``data.pkl`` (the state dict, tensors again as persistent references
+to storages), ``data/<key>`` (each storage's raw little-endian bytes), and optionally
+``byteorder`` and ``version``.
+
+Both go through the same restricted unpickler: only the handful of classes a state dict needs
+(``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and the typed storages) are
+resolved; anything else in the pickle is refused, so a crafted file cannot execute code.
 """
 
 from __future__ import annotations
 
 import collections
 import pickle
+import io
 import struct
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -105,6 +114,13 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
                 raise ValueError(f"{path}: truncated (storage {key})")
             raw[str(key)] = np.frombuffer(buf, dtype=stype.dtype)
 
+    return _materialise(state, raw)
+
+
+def _materialise(state, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Turn the unpickled state dict's tensor references into contiguous arrays."""
+    if not isinstance(state, dict):
+        raise pickle.UnpicklingError(f"expected a state dict, found {type(state).__name__}")
     out: dict[str, np.ndarray] = {}
     for name, ref in state.items():
         if not isinstance(ref, _TensorRef):
@@ -114,11 +130,57 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         if ref.size == ():
             out[name] = flat[ref.offset : ref.offset + 1].reshape(()).copy()
             continue
+        if ref.size and min(ref.size) == 0:
+            out[name] = np.zeros(ref.size, flat.dtype)
+            continue
+        last = ref.offset + sum((n - 1) * st for n, st in zip(ref.size, ref.stride))
+        if ref.offset < 0 or last >= flat.size or min(ref.stride) < 0:
+            raise ValueError(f"tensor {name!r} reaches outside its storage")
         arr = np.lib.stride_tricks.as_strided(
             flat[ref.offset :],
             shape=ref.size,
             strides=tuple(s * itemsize for s in ref.stride),
             writeable=False,
         )
-        out[name] = np.array(arr)  # contiguous copy
+        out[name] = np.array(arr, order="C")  # contiguous copy
     return out
+
+
+def is_zip_checkpoint(path: str | Path) -> bool:
+    return zipfile.is_zipfile(path)
+
+
+def load_zip_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Return ``{name: ndarray}`` for a zip-format PyTorch state dict (``torch.save`` >= 1.6)."""
+    path = Path(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path}: not a zip-format PyTorch file ({e})") from None
+    with zf:
+        names = zf.namelist()
+        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+        if len(pkls) != 1:
+            raise ValueError(f"{path}: expected one <folder>/data.pkl in the archive, found {len(pkls)}")
+        root = pkls[0][: -len("data.pkl")]
+        if root + "byteorder" in names:
+            order = zf.read(root + "byteorder").decode("ascii", "replace").strip()
+            if order != "little":
+                raise ValueError(f"{path}: {order!r}-endian files are not supported")
+        unpickler = _SafeUnpickler(io.BytesIO(zf.read(pkls[0])))
+        state = unpickler.load()
+        raw: dict[str, np.ndarray] = {}
+        for key, stype in unpickler.storages.items():
+            member = f"{root}data/{key}"
+            if member not in names:
+                raise ValueError(f"{path}: storage {key} is missing from the archive")
+            buf = zf.read(member)
+            if len(buf) % stype.dtype.itemsize:
+                raise ValueError(f"{path}: storage {key} is truncated")
+            raw[key] = np.frombuffer(buf, dtype=stype.dtype.newbyteorder("<"))
+    return _materialise(state, raw)
+
+
+def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
+    """Read a PyTorch state dict in either format (zip or legacy), without PyTorch."""
+    return load_zip_state_dict(path) if is_zip_checkpoint(path) else load_legacy_state_dict(path)
