@@ -95,7 +95,7 @@ def extract(
         raise typer.Exit(1)
 
 
-def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None):
+def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None):
     from index_builder.build import BuildOptions, build_index
 
     if yfcc is not None:  # a Placing 2016 list plus the YFCC100M metadata holding its coordinates
@@ -108,7 +108,7 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
     rep = build_index(
         images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,
         overwrite=overwrite, allow_outside=allow_outside,
-        options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out), log=log,
+        options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out), ray=ray, log=log,
     )
     d = rep.to_dict()
     if json_out:
@@ -118,6 +118,10 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
             f"index {rep.index_dir}: {rep.num_images} images ({rep.added} extracted now, {rep.resumed} resumed), "
             f"{len(rep.skipped)} skipped, {rep.images_per_s:.2f} images/s, {rep.seconds:.1f} s in all"
         )
+        if rep.ray:
+            r = rep.ray
+            typer.echo(f"ray ({r['address']}): {r.get('workers', 0)} workers on {', '.join(r.get('hosts', [])) or '-'}, "
+                       f"{r['shards']} shards ({r['failed_shards']} failed), workers ready in {r.get('startup_s', 0):.1f} s")
 
 
 _IDX = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX).")
@@ -137,10 +141,25 @@ def index_build(
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivfpq or hnsw."),
     batch_size: int = typer.Option(4, "--batch-size"),
     yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata file, with a Placing 2016 list as --metadata."),
+    use_ray: bool = typer.Option(False, "--ray", help="Extract on Ray workers (a local cluster unless --ray-address)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Index a geotagged image collection."""
-    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc)
+    ray = _ray_options(use_ray, ray_address, workers)
+    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc, ray=ray)
+
+
+def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
+    """RayOptions for ``--ray``/``--ray-address``/``--workers``, or None for a single process."""
+    if not (use_ray or address):
+        if workers is not None:
+            raise DelgGeoError("--workers needs --ray")
+        return None
+    from index_builder.ray_build import RayOptions
+
+    return RayOptions(address=address, workers=workers)
 
 
 @index_app.command("add")

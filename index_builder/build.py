@@ -59,6 +59,7 @@ class BuildReport:
     skipped: list = field(default_factory=list)
     seconds: float = 0.0
     extract_seconds: float = 0.0
+    ray: dict | None = None  # how Ray ran the extraction (index_builder/ray_build.py), when it did
 
     @property
     def images_per_s(self) -> float:
@@ -138,9 +139,14 @@ def build_index(
     overwrite: bool = False,
     allow_outside: bool = False,
     options: BuildOptions | None = None,
+    ray=None,
     log=print,
 ) -> BuildReport:
-    """Build (or ``resume``, or ``add`` to) the index at ``index_dir``. See the module docstring."""
+    """Build (or ``resume``, or ``add`` to) the index at ``index_dir``. See the module docstring.
+
+    With ``ray`` (an :class:`index_builder.ray_build.RayOptions`), Ray workers extract the
+    features and write the same checkpoint parts; everything before and after is this function's.
+    """
     from index_builder.sources import read_metadata
 
     opts = options or BuildOptions()
@@ -242,21 +248,35 @@ def build_index(
     next_part = max([int(p.name[5:10]) for p in (index_dir / BUILDING / "parts").glob("part-*.npz")], default=-1) + 1
     buffer: list[dict] = []
     added = 0
+    ray_info = None
+
+    def record_failure(key: str, reason: str) -> None:
+        rec = by_key[key]
+        log(f"skipped row {rec.row}: {reason}")
+        entry = dict(key=key, row=rec.row, image=rec.image, reason=reason)
+        with open(failed_file, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        failed[key] = entry
+
+    if ray is not None:  # Ray workers write the parts; the loop below then has nothing to do
+        from index_builder.ray_build import extract_on_ray
+
+        added, ray_info = extract_on_ray(
+            index_dir, [k for k, _ in new_records], todo, done, next_part, model, extractor, opts, ray,
+            record_failure, log,
+        )
+        todo = []
     try:
         for res in iter_extract(
             [str(r.path) for _, r in todo],
             extractor,
             batch_size=opts.batch_size,
             workers=opts.workers,
-            progress="index" if opts.progress else False,
+            progress="index" if opts.progress and todo else False,
         ):
             key, rec = todo[res.index]
             if not res.ok:
-                log(f"skipped row {rec.row}: {res.error}")
-                entry = dict(key=key, row=rec.row, image=rec.image, reason=res.error)
-                with open(failed_file, "a") as f:
-                    f.write(json.dumps(entry) + "\n")
-                failed[key] = entry
+                record_failure(key, res.error)
                 continue
             buffer.append(dict(key=key, features=res.features))
             if len(buffer) >= opts.part_size:
@@ -277,10 +297,13 @@ def build_index(
     skipped.extend(dict(row=d["row"], image=d["image"], reason=d["reason"]) for d in failed.values())
 
     parts = _load_parts(index_dir)
+    # assembled in the metadata's order, whichever order the parts were written in (Ray, resumes)
+    position = {k: i for i, (k, _) in enumerate(new_records)}
+    parts.sort(key=lambda p: position.get(str(p["keys"][0]), -1))
     _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif)
     m = read_manifest(index_dir)
     return BuildReport(
-        str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds
+        str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds, ray_info
     )
 
 

@@ -1,0 +1,224 @@
+"""``index build --ray`` on a real local Ray cluster (2 CPUs, no mocks) against the single-process build.
+
+The Ray build must give the same index: same ids, images and coordinates, descriptors equal to
+float tolerance, the same skipped list. A Ray build killed mid-way (SIGKILL of its driver)
+resumes shard by shard without re-extracting the finished shards. The collection is 24 real
+Venice photos where ../shared is present, and 10 generated images everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, SHARED_DATA, shared_path
+
+ray = pytest.importorskip("ray")
+
+SCALES = (0.7071, 1.0, 1.4142)  # three scales instead of seven: same code, a third of the time
+BAD = "broken.jpg"  # a file that is not an image: listed as skipped, with its reason
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster with 2 CPUs for every Ray test (ray.init costs seconds)."""
+    if ray.is_initialized():
+        yield ray.get_runtime_context().gcs_address
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    from delg_geo.models.lite_delg import LiteDelgExtractor
+
+    return LiteDelgExtractor(scales=SCALES)
+
+
+def _venice_collection(root: Path, n: int = 24) -> Path:
+    venice = shared_path("venice")
+    ref = pd.read_csv(venice / "reference.csv")
+    sub = ref.iloc[:: len(ref) // n].head(n)
+    (root / "images").mkdir(parents=True)
+    for p in sub.image:  # copied, so that the collection holds the broken file too
+        shutil.copy(venice / p, root / p)
+    return _with_broken(root, sub[["image", "lat", "lon"]])
+
+
+def _generated_collection(root: Path, n: int = 10) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    rows = []
+    for i in range(n):
+        w, h = (320, 240) if i % 3 else (240, 320)  # two sizes: batches group by size
+        base = rng.integers(0, 255, (h // 16, w // 16, 3), dtype=np.uint8)
+        img = np.kron(base, np.ones((16, 16, 1), np.uint8)) + rng.integers(0, 40, (h, w, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / "images" / f"g{i:02d}.jpg", quality=90)
+        rows.append(dict(image=f"images/g{i:02d}.jpg", lat=45.43 + rng.normal(0, 0.01), lon=12.33 + rng.normal(0, 0.01)))
+    return _with_broken(root, pd.DataFrame(rows))
+
+
+def _with_broken(root: Path, rows: pd.DataFrame) -> Path:
+    (root / "images" / BAD).write_text("this is not a JPEG")
+    k = len(rows) // 2
+    bad = pd.DataFrame([dict(image=f"images/{BAD}", lat=45.44, lon=12.33)])
+    csv = root / "reference.csv"
+    pd.concat([rows.iloc[:k], bad, rows.iloc[k:]], ignore_index=True).to_csv(csv, index=False)
+    return csv
+
+
+@pytest.fixture(scope="module", params=["venice", "generated"])
+def collection(request, tmp_path_factory, extractor):
+    """The collection and its single-process index (the reference the Ray builds must equal)."""
+    from index_builder.build import BuildOptions, build_index
+
+    root = tmp_path_factory.mktemp(f"ray_{request.param}")
+    csv = _venice_collection(root) if request.param == "venice" else _generated_collection(root)
+    single = root / "single"
+    rep = build_index(root, single, csv, extractor=extractor, options=BuildOptions(progress=False, part_size=8),
+                      log=lambda m: None)
+    return dict(root=root, csv=csv, single=single, report=rep, n=len(pd.read_csv(csv)))
+
+
+def _assert_same_index(a: Path, b: Path) -> None:
+    from delg_geo.index import read_manifest
+
+    ma, mb = read_manifest(a), read_manifest(b)
+    assert (ma.num_images, ma.num_local_features, ma.model_fingerprint, ma.index_type) == (
+        mb.num_images, mb.num_local_features, mb.model_fingerprint, mb.index_type)
+    assert ma.skipped == mb.skipped
+    da = pd.read_csv(a / "metadata.csv")
+    db = pd.read_csv(b / "metadata.csv")
+    pd.testing.assert_frame_equal(da[["id", "image", "lat", "lon", "width", "height"]],
+                                  db[["id", "image", "lat", "lon", "width", "height"]])
+    np.testing.assert_array_equal(np.load(a / "local_offsets.npy"), np.load(b / "local_offsets.npy"))
+    np.testing.assert_allclose(np.load(a / "global_raw.npy"), np.load(b / "global_raw.npy"), atol=1e-5)
+    np.testing.assert_allclose(np.load(a / "local_keypoints.npy"), np.load(b / "local_keypoints.npy"), atol=1e-3)
+    for name in ("local_descriptors.npy", "local_scores.npy"):  # float16 on disk: one unit in the last place
+        np.testing.assert_allclose(np.load(a / name).astype(np.float32), np.load(b / name).astype(np.float32),
+                                   rtol=2e-3, atol=2e-3)
+
+
+def test_ray_build_equals_single_process_build(collection, ray_cluster, extractor):
+    from index_builder.build import BuildOptions, build_index
+    from index_builder.ray_build import RayOptions
+
+    out = collection["root"] / "ray"
+    # shards of 5: parts cut differently from the single-process build's 8, same index
+    rep = build_index(collection["root"], out, collection["csv"], extractor=extractor,
+                      options=BuildOptions(progress=False, part_size=5), ray=RayOptions(workers=2), log=lambda m: None)
+    n_ok = collection["n"] - 1
+    assert rep.num_images == rep.added == n_ok and rep.resumed == 0
+    assert rep.ray["workers"] == 2 and rep.ray["cpus_per_worker"] == 1.0 and rep.ray["failed_shards"] == 0
+    assert rep.ray["shards"] == -(-collection["n"] // 5)  # the broken image is extracted (and fails) in its shard
+    _assert_same_index(out, collection["single"])
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped.image) == [f"images/{BAD}"]
+    assert "images/broken.jpg" in skipped.reason[0] or BAD in skipped.reason[0], skipped.reason[0]
+    assert not (out / ".building").exists()
+
+
+_KILLED_BUILD = textwrap.dedent("""
+    import sys
+    from index_builder.build import BuildOptions, build_index
+    from index_builder.ray_build import RayOptions
+    from delg_geo.models.lite_delg import LiteDelgExtractor
+    root, out, csv, address = sys.argv[1:5]
+    build_index(root, out, csv, extractor=LiteDelgExtractor(scales={scales}),
+                options=BuildOptions(progress=False, part_size=2), ray=RayOptions(address=address, workers=2),
+                log=lambda m: None)
+""")
+
+
+def test_killed_ray_build_resumes_shard_by_shard(collection, ray_cluster, extractor, tmp_path, request):
+    from index_builder.build import BuildOptions, build_index
+    from index_builder.ray_build import RayOptions
+
+    if request.node.callspec.params["collection"] == "generated" and (SHARED_DATA / "venice").exists():
+        pytest.skip("run on the real Venice photos where they are present (the generated ones are the fallback)")
+
+    out = tmp_path / "killed"
+    parts = out / ".building" / "parts"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_BUILD.format(scales=SCALES), str(collection["root"]), str(out),
+         str(collection["csv"]), ray_cluster],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and len(list(parts.glob("part-*.npz"))) < 2:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the build ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-build; Ray ends its workers
+    proc.wait()
+    proc.stderr.close()
+    assert not (out / "manifest.json").exists()
+    done = {}
+    for p in parts.glob("part-*.npz"):
+        with np.load(p) as z:
+            done[p.name] = (list(z["keys"]), p.stat().st_mtime_ns)
+    n_done = sum(len(k) for k, _ in done.values())
+    failed_file = out / ".building" / "failed.jsonl"
+    n_failed = len(failed_file.read_text().splitlines()) if failed_file.exists() else 0
+    assert 2 <= n_done < collection["n"] - 1
+
+    rep = build_index(collection["root"], out, collection["csv"], extractor=extractor, resume=True,
+                      options=BuildOptions(progress=False, part_size=2), ray=RayOptions(workers=2), log=lambda m: None)
+    # the finished shards were taken as they were; only the rest was extracted
+    assert rep.resumed == n_done and rep.added == collection["n"] - 1 - n_done
+    assert rep.ray["shards"] == len(_expected_runs(collection, done, n_failed))
+    _assert_same_index(out, collection["single"])
+
+
+def _expected_runs(collection, done, n_failed):
+    """Shards the resumed build must have made: the images not in a finished part, in runs of 2."""
+    from index_builder.ray_build import shard_runs
+
+    md = pd.read_csv(collection["csv"])
+    keys = [str((collection["root"] / p).resolve()) for p in md.image]
+    finished = {str(k) for ks, _ in done.values() for k in ks}
+    bad = str((collection["root"] / "images" / BAD).resolve())
+    todo = {k for k in keys if k not in finished and not (n_failed and k == bad)}
+    return shard_runs(keys, todo, finished, 2)
+
+
+def test_shard_runs_never_span_a_finished_image():
+    from index_builder.ray_build import shard_runs
+
+    keys = list("abcdefghij")
+    assert shard_runs(keys, set(keys), set(), 4) == [list("abcd"), list("efgh"), list("ij")]
+    # c and g are done; f failed earlier (not a gap: it is listed already)
+    runs = shard_runs(keys, set("abdehij"), set("cg"), 4)
+    assert runs == [list("ab"), list("de"), list("hij")]
+
+
+def test_worker_plan_from_cluster_resources():
+    from index_builder.ray_build import RayOptions, plan_workers
+
+    p = plan_workers(RayOptions(), {"CPU": 2.0})
+    assert (p.workers, p.cpus_per_worker, p.gpus_per_worker, p.threads) == (2, 1.0, 0.0, 1)
+    p = plan_workers(RayOptions(workers=1), {"CPU": 2.0})
+    assert (p.workers, p.cpus_per_worker, p.threads) == (1, 2.0, 2)
+    p = plan_workers(RayOptions(), {"CPU": 32.0, "GPU": 4.0})
+    assert (p.workers, p.cpus_per_worker, p.gpus_per_worker) == (4, 8.0, 1.0)
+    p = plan_workers(RayOptions(workers=8), {"CPU": 32.0, "GPU": 4.0})
+    assert (p.workers, p.gpus_per_worker) == (8, 0.5)
+    p = plan_workers(RayOptions(workers=4), {"CPU": 2.0})
+    assert p.cpus_per_worker == 0.5 and p.threads == 1
