@@ -4,6 +4,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+
+def quiet_tensorflow_logs() -> None:
+    """Silence TensorFlow's C++ start-up lines (``I0000 ... cudart_stub``, oneDNN notices); see
+    :mod:`delg_geo._quiet`. Runs on import of the package, before TensorFlow is imported."""
+    from ._quiet import install
+
+    install()
+
+
+quiet_tensorflow_logs()
+
 __all__ = ["__version__", "Features", "Geolocator", "Prediction", "get_extractor"]
 
 

@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from . import quiet_tensorflow_logs
 
-import typer
+quiet_tensorflow_logs()
 
-from .errors import DelgGeoError
-from .jsonio import json_default
+import typer  # noqa: E402
+
+from .errors import DelgGeoError  # noqa: E402
+from .jsonio import json_default  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell where a photo was taken, by DELG retrieval.")
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect indexes of geotagged images.")
@@ -43,6 +45,28 @@ def _err(msg: str) -> None:
     typer.echo(f"delg-geo: error: {msg}", err=True)
 
 
+_MODEL_HELP = (
+    "Model name (default: efficientnet-lite0), or the folder of a DELG SavedModel. A SavedModel "
+    "folder runs that model's TensorFlow graph: load trusted models only."
+)
+
+
+def _check_output(path: Optional[Path], option: str) -> None:
+    """Refuse an output path that cannot be written, before any work is done or printed."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise DelgGeoError(f"{option} {path}: is a folder; give a file name (for example {path / ('out' + (path.suffix or '.html' if option == '--map' else '.png'))})")
+    anc = path.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise DelgGeoError(f"{option} {path}: {anc} is a file, not a folder; cannot write there")
+    if not os.access(anc, os.W_OK):
+        raise DelgGeoError(f"{option} {path}: the folder {anc} is not writable")
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+
 def _emit_json(obj) -> None:
     typer.echo(json.dumps(obj, default=json_default))
 
@@ -50,7 +74,7 @@ def _emit_json(obj) -> None:
 @app.command()
 def extract(
     images: List[Path] = typer.Argument(..., help="Image files."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (default: efficientnet-lite0)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
     save_dir: Optional[Path] = typer.Option(None, "--save", help="Also write IMAGE_STEM.npz feature files here."),
 ):
@@ -132,14 +156,14 @@ def index_build(
     images_dir: Path = typer.Argument(..., help="Folder the metadata's image paths are relative to."),
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV (image,lat,lon), or a Placing/YFCC file."),
     index: Path = typer.Option(..., "--index", "-i", help="Index folder to create."),
-    model: Optional[str] = typer.Option(None, "--model", "-m"),
-    from_exif: bool = typer.Option(False, "--from-exif", help="Read positions from EXIF GPS."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    from_exif: bool = typer.Option(False, "--from-exif", help="Read positions from EXIF GPS (every other file is listed as skipped)."),
     fmt: str = typer.Option("auto", "--format", help="auto, csv, exif, vpr or yfcc."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
-    allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths outside IMAGES_DIR."),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths (and symlinks) leading outside IMAGES_DIR."),
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivfpq or hnsw."),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
     yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata file, with a Placing 2016 list as --metadata."),
     use_ray: bool = typer.Option(False, "--ray", help="Extract on Ray workers (a local cluster unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
@@ -169,8 +193,8 @@ def index_add(
     index: Optional[Path] = _IDX,
     from_exif: bool = typer.Option(False, "--from-exif"),
     fmt: str = typer.Option("auto", "--format"),
-    allow_outside: bool = typer.Option(False, "--allow-outside"),
-    batch_size: int = typer.Option(4, "--batch-size"),
+    allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths (and symlinks) leading outside IMAGES_DIR."),
+    batch_size: int = typer.Option(4, "--batch-size", min=1),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Add images to an existing index (the whitening and FAISS index are refitted)."""
@@ -220,15 +244,18 @@ def _index_or_env(index: Optional[Path]) -> Path:
 def query(
     images: List[Path] = typer.Argument(..., help="Photos to locate."),
     index: Optional[Path] = _IDX,
-    top_k: int = typer.Option(100, "--top-k", "-k", help="Candidates to verify."),
+    top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates to verify (at least 1)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Global retrieval only."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model. " + _MODEL_HELP),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
     map_out: Optional[Path] = typer.Option(None, "--map", help="Write a self-contained HTML map of the answers."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Draw query vs verified neighbour with inlier matches (PNG)."),
 ):
     """Locate photos against an index."""
     from .locate import Geolocator
+
+    _check_output(map_out, "--map")
+    _check_output(explain, "--explain")
 
     geo = Geolocator.from_index(_index_or_env(index), model=model, top_k=top_k, verify=not no_verify)
     failures = 0
@@ -268,12 +295,13 @@ def query(
 
 
 def _table(preds) -> str:
-    head = ["image", "lat", "lon", "method", "conf", "inliers", "neighbour", "extract/search/verify ms"]
+    head = ["image", "lat", "lon", "place", "method", "conf", "inliers", "neighbour", "extract/search/verify ms"]
     lines = []
     for p in preds:
         t = p.timings_ms
+        place = ", ".join(str(p.place[k]) for k in ("name", "admin1", "country_code") if (p.place or {}).get(k)) or "-"
         lines.append([
-            Path(p.image).name, f"{p.lat:.6f}", f"{p.lon:.6f}", p.method, f"{p.confidence:.2f}", str(p.inliers),
+            Path(p.image).name, f"{p.lat:.6f}", f"{p.lon:.6f}", place, p.method, f"{p.confidence:.2f}", str(p.inliers),
             Path(p.neighbour.image).name, f"{t['extract']:.0f}/{t['search']:.1f}/{t['verify']:.0f}",
         ])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]

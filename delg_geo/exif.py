@@ -1,4 +1,4 @@
-"""GPS position from a photo's EXIF (JPEG, TIFF, PNG, WebP), with Pillow only."""
+"""GPS position from a photo's EXIF (JPEG, TIFF, PNG, WebP, and HEIC through pillow-heif)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import math
 import warnings
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from .errors import ImageLoadError
+from .images import _unidentified_reason  # also registers the HEIC/HEIF opener
 from .geo import valid_latlon
 
 GPS_IFD = 0x8825
@@ -59,15 +60,22 @@ def read_exif_gps_reason(path) -> tuple[tuple[float, float] | None, str]:
         raise ImageLoadError(p, "file not found")
     if p.is_dir():
         raise ImageLoadError(p, "is a directory, not an image")
+    if p.stat().st_size == 0:
+        return None, "empty file (0 bytes)"
+    fmt = "image"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(p) as img:
+                fmt = f"{img.format} image" if img.format else "image"
                 gps = img.getexif().get_ifd(GPS_IFD)
+    except UnidentifiedImageError:
+        with open(p, "rb") as fh:
+            return None, _unidentified_reason(fh.read(32))
     except Exception as exc:  # noqa: BLE001 - any decoder failure means "no readable EXIF"
         return None, f"cannot read EXIF ({type(exc).__name__}: {exc})"
     if not gps:
-        return None, "no EXIF GPS data"
+        return None, f"no EXIF GPS data ({fmt})"
     if _LAT not in gps or _LON not in gps:
         return None, "EXIF GPS has no latitude/longitude"
     if _text(gps.get(_STATUS, "")) == "V":

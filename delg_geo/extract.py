@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from .errors import ImageLoadError
-from .features import Features
-from .images import LoadedImage, load_image
+from .features import Features, features_problem
+from .images import MIN_IMAGE_SIDE, LoadedImage, load_image
 
 
 @dataclass
@@ -32,10 +32,15 @@ class ExtractResult:
         return self.features is not None
 
 
-def _decode(path: str | Path, max_side: int) -> tuple[LoadedImage | None, str | None, float]:
+def min_image_side(extractor) -> int:
+    """The shorter side, in pixels, below which ``extractor`` cannot describe an image."""
+    return int(getattr(extractor, "min_image_side", MIN_IMAGE_SIDE))
+
+
+def _decode(path: str | Path, max_side: int, min_side: int = MIN_IMAGE_SIDE) -> tuple[LoadedImage | None, str | None, float]:
     t0 = time.perf_counter()
     try:
-        return load_image(path, max_side=max_side), None, time.perf_counter() - t0
+        return load_image(path, max_side=max_side, min_side=min_side), None, time.perf_counter() - t0
     except ImageLoadError as e:
         return None, str(e), time.perf_counter() - t0
 
@@ -92,17 +97,18 @@ def iter_extract(
 
         bar = tqdm(total=len(paths), desc=progress if isinstance(progress, str) else "extract", unit="img")
     max_side = extractor.max_side
+    min_side = min_image_side(extractor)
     net_workers = net_workers or min(4, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=net_workers) as net:
         chunks = [list(range(i, min(i + window, len(paths)))) for i in range(0, len(paths), window)]
         pending = None
         for ci, chunk in enumerate(chunks):
             if pending is None:
-                pending = [pool.submit(_decode, paths[i], max_side) for i in chunk]
+                pending = [pool.submit(_decode, paths[i], max_side, min_side) for i in chunk]
             decoded = [f.result() for f in pending]
             # start decoding the next window while the network works on this one
             pending = (
-                [pool.submit(_decode, paths[i], max_side) for i in chunks[ci + 1]] if ci + 1 < len(chunks) else None
+                [pool.submit(_decode, paths[i], max_side, min_side) for i in chunks[ci + 1]] if ci + 1 < len(chunks) else None
             )
             results: dict[int, ExtractResult] = {}
             by_size: dict[tuple[int, int], list[int]] = {}
@@ -121,6 +127,9 @@ def iter_extract(
                 share = seconds / len(part)
                 for j, f, err in zip(part, feats, errors):
                     i = chunk[j]
+                    why = features_problem(f) if f is not None else None
+                    if why:  # never index (or answer from) an image the network could not describe
+                        f, err = None, f"{paths[i]}: {why}"
                     results[i] = ExtractResult(i, paths[i], f, err, share + decoded[j][2])
             for i in chunk:
                 if bar is not None:

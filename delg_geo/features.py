@@ -65,6 +65,19 @@ class Features:
             )
 
 
+def features_problem(f: Features) -> str | None:
+    """Why ``f`` cannot be used (no local features, an empty or non-finite global descriptor,
+    non-finite local features), or None when it can."""
+    g = np.asarray(f.global_descriptor)
+    if g.size == 0 or not np.all(np.isfinite(g)) or not np.any(g):
+        return "no global descriptor could be computed (blank image, or too small to describe)"
+    if f.num_local == 0:
+        return "no local features could be computed (blank image, or too small to describe)"
+    if not (np.all(np.isfinite(f.keypoints)) and np.all(np.isfinite(f.local_descriptors))):
+        return "the model gave non-finite local features"
+    return None
+
+
 def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
     x = np.asarray(x, np.float32)
     n = np.linalg.norm(x, axis=axis, keepdims=True)

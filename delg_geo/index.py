@@ -150,6 +150,31 @@ def read_manifest(index_dir: str | Path) -> Manifest:
     return m
 
 
+def check_metadata(md, where: str | Path) -> None:
+    """Refuse a metadata table with missing columns, or coordinates or sizes that are not
+    numbers in range: raises :class:`IndexFormatError` naming the file, the first bad line
+    (the header is line 1) and the value."""
+    import pandas as pd
+
+    missing = [c for c in ("image", "path", "lat", "lon", "width", "height") if c not in md.columns]
+    if missing:
+        raise IndexFormatError(f"{where}: missing column(s) {', '.join(missing)}; the index is damaged, rebuild it")
+    checks = (("lat", -90.0, 90.0, "a latitude"), ("lon", -180.0, 180.0, "a longitude"),
+              ("width", 1, 1_000_000, "an image width"), ("height", 1, 1_000_000, "an image height"))
+    for col, lo, hi, what in checks:
+        v = pd.to_numeric(md[col], errors="coerce").to_numpy(np.float64)
+        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
+        if col in ("width", "height"):
+            bad |= np.isfinite(v) & (v != np.round(v))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise IndexFormatError(
+                f"{where}: line {i + 2} ({md[col].iloc[i]!r} in column {col}) is not {what} "
+                f"in [{lo}, {hi}] ({int(bad.sum())} bad rows); the index is damaged, rebuild it "
+                "or check it with `delg-geo index verify`"
+            )
+
+
 # -- FAISS ----------------------------------------------------------------------------------
 
 def choose_index_type(n: int, requested: str = "auto", exact_limit: int = DEFAULT_EXACT_LIMIT) -> str:
@@ -232,6 +257,7 @@ class GeoIndex:
                 f"{self.path}: inconsistent index (manifest {n} images, metadata {len(self.metadata)}, "
                 f"faiss {cpu_index.ntotal}, offsets {len(self.offsets) - 1}); rebuild it"
             )
+        check_metadata(self.metadata, self.path / "metadata.csv")
         self.lats = self.metadata["lat"].to_numpy(np.float64)
         self.lons = self.metadata["lon"].to_numpy(np.float64)
         self.sizes = self.metadata[["width", "height"]].to_numpy(np.int64)  # per image, for verification

@@ -172,9 +172,16 @@ class Geolocator:
 
     # -- main entry points --------------------------------------------------------------------
     def locate(self, image: str | Path | bytes | LoadedImage, name: str | None = None) -> Prediction:
+        from .extract import min_image_side
+        from .features import features_problem
+
         t0 = time.perf_counter()
-        img = image if isinstance(image, LoadedImage) else load_image(image, max_side=self.extractor.max_side)
+        img = image if isinstance(image, LoadedImage) else load_image(
+            image, max_side=self.extractor.max_side, min_side=min_image_side(self.extractor))
         feats = self.extractor.extract(img)
+        why = features_problem(feats)
+        if why:
+            raise ImageLoadError(name or img.path or "<image>", why)
         t_extract = (time.perf_counter() - t0) * 1e3
         label = name or (img.path if isinstance(image, LoadedImage) else str(image) if not isinstance(image, bytes) else "<bytes>")
         return self.locate_features(feats, label, extract_ms=t_extract)

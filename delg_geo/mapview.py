@@ -20,6 +20,7 @@ import html
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -114,17 +115,36 @@ def thumbnail_data_uri(source: str | Path | bytes, size: int = 160) -> str | Non
         return None
 
 
+def _allowed_roots(index) -> list[tuple[str, bool]]:
+    """(real images folder, allow_outside) of every batch of images the index was built from."""
+    manifest = getattr(index, "manifest", None)
+    out = []
+    for src in getattr(manifest, "sources", None) or []:
+        if isinstance(src, dict) and src.get("images_dir"):
+            out.append((os.path.realpath(str(src["images_dir"])), bool(src.get("allow_outside"))))
+    return out
+
+
 def reference_path(index, i: int) -> Path | None:
-    """Where the reference photo of index row ``i`` is on disk, if it still is."""
+    """Where the reference photo of index row ``i`` is on disk, if it still is.
+
+    The real path (every symlink resolved) must lie inside an images folder the index was built
+    from, unless that build allowed paths outside it (``--allow-outside``): a symlink placed or
+    swapped in later cannot make the server hand out other files.
+    """
     md = index.metadata
     cands = []
     if "path" in md.columns:
         cands.append(md.at[i, "path"])
     if "image" in md.columns:
         cands.append(Path(index.path) / str(md.at[i, "image"]))
+    roots = _allowed_roots(index)
     for c in cands:
-        if isinstance(c, (str, Path)) and str(c) and Path(c).is_file():
-            return Path(c)
+        if not (isinstance(c, (str, Path)) and str(c) and Path(c).is_file()):
+            continue
+        real = os.path.realpath(c)
+        if any(allow or os.path.commonpath([root, real]) == root for root, allow in roots):
+            return Path(real)
     return None
 
 

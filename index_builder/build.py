@@ -25,6 +25,7 @@ from delg_geo.index import (
     MANIFEST,
     Manifest,
     build_faiss,
+    check_metadata,
     choose_index_type,
     library_versions,
     now_iso,
@@ -76,19 +77,37 @@ def _state_path(index_dir: Path) -> Path:
     return index_dir / BUILDING / "state.json"
 
 
-def _load_parts(index_dir: Path) -> list[dict]:
+def _load_parts(index_dir: Path, extractor=None, log=None) -> list[dict]:
+    """The checkpoints of an interrupted run. A damaged one, or one written by another model
+    (its fingerprint, or for old checkpoints its dimensions, differ), is removed: its images
+    are extracted again."""
     parts_dir = index_dir / BUILDING / "parts"
     parts = []
     for p in sorted(parts_dir.glob("part-*.npz")):
+        why = None
         try:
             with np.load(p, allow_pickle=False) as z:
-                parts.append({k: z[k] for k in z.files})
-        except Exception:  # noqa: BLE001 - a damaged checkpoint is re-extracted
+                part = {k: z[k] for k in z.files}
+            n = len(part["keys"])
+            if not (len(part["global_raw"]) == n == len(part["counts"]) == len(part["sizes"])
+                    and int(part["counts"].sum()) == len(part["keypoints"]) == len(part["descriptors"])):
+                why = "inconsistent arrays"
+            elif extractor is not None:
+                fp = str(part["model_fingerprint"]) if "model_fingerprint" in part else None
+                if (fp is not None and fp != extractor.fingerprint) or part["global_raw"].shape[1] != extractor.global_dim:
+                    why = "written by another model"
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is re-extracted
+            why = f"unreadable ({type(e).__name__})"
+        if why:
+            if log is not None:
+                log(f"checkpoint {p.name}: {why}; its images are extracted again")
             p.unlink(missing_ok=True)
+            continue
+        parts.append(part)
     return parts
 
 
-def _write_part(index_dir: Path, number: int, rows: list[dict]) -> None:
+def _write_part(index_dir: Path, number: int, rows: list[dict], extractor=None) -> None:
     parts_dir = index_dir / BUILDING / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
     feats = [r["features"] for r in rows]
@@ -101,11 +120,33 @@ def _write_part(index_dir: Path, number: int, rows: list[dict]) -> None:
         descriptors=np.concatenate([f.local_descriptors for f in feats]).astype(np.float16),
         scores=np.concatenate([f.scores for f in feats]).astype(np.float16),
         sizes=np.array([f.image_size for f in feats], np.int64),
+        model_fingerprint=np.array(getattr(extractor, "fingerprint", "")),
     )
     final = parts_dir / f"part-{number:05d}.npz"
     tmp = parts_dir / f".part-{number:05d}.tmp.npz"
     np.savez(tmp, **arrays)
     os.replace(tmp, final)
+
+
+def _read_failed(failed_file: Path, log) -> dict:
+    """Images an interrupted run could not use, by key. Damaged lines (a kill mid-write) are
+    ignored: those images are simply tried again."""
+    failed: dict = {}
+    if not failed_file.exists():
+        return failed
+    bad = 0
+    for line in failed_file.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            failed[str(d["key"])] = dict(key=str(d["key"]), row=d.get("row"), image=str(d.get("image", "")),
+                                         reason=str(d.get("reason", "")))
+        except (ValueError, KeyError, TypeError):
+            bad += 1
+    if bad:
+        log(f"{failed_file}: {bad} damaged line(s) ignored; those images are tried again")
+    return failed
 
 
 def _existing_index_arrays(index_dir: Path) -> dict | None:
@@ -114,6 +155,7 @@ def _existing_index_arrays(index_dir: Path) -> dict | None:
         return None
     read_manifest(index_dir)
     md = pd.read_csv(index_dir / "metadata.csv", keep_default_na=False, na_values=[""])
+    check_metadata(md, index_dir / "metadata.csv")
     offsets = np.load(index_dir / "local_offsets.npy")
     return dict(
         metadata=md,
@@ -197,14 +239,22 @@ def build_index(
 
     index_dir.mkdir(parents=True, exist_ok=True)
     state_file = _state_path(index_dir)
+    state = None
     if state_file.exists():
-        state = json.loads(state_file.read_text())
+        try:
+            state = json.loads(state_file.read_text())
+            if not isinstance(state, dict):
+                raise ValueError(f"a JSON {type(state).__name__}, not an object")
+        except (ValueError, OSError) as e:
+            log(f"{state_file} is damaged ({e}); recreating it (checkpoints are checked one by one)")
+            state = None
+    if state is not None:
         if state.get("model_fingerprint") != extractor.fingerprint:
             raise IndexFormatError(
                 f"{index_dir}: the interrupted build used model {state.get('model_id')!r} "
                 f"({str(state.get('model_fingerprint'))[:12]}); resume it with that model or use --overwrite"
             )
-    else:
+    if state is None:
         state = {
             "model_id": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,
@@ -229,15 +279,10 @@ def build_index(
             skipped.append(dict(row=r.row, image=r.image, reason="already in the index"))
             continue
         new_records.append((key, r))
-    parts = _load_parts(index_dir)
+    parts = _load_parts(index_dir, extractor, log)
     done = {str(k) for p in parts for k in p["keys"]}
     failed_file = index_dir / BUILDING / "failed.jsonl"
-    failed = {}
-    if failed_file.exists():
-        for line in failed_file.read_text().splitlines():
-            if line.strip():
-                d = json.loads(line)
-                failed[d["key"]] = d
+    failed = _read_failed(failed_file, log)
     todo = [(k, r) for k, r in new_records if k not in done and k not in failed]
     resumed = sum(1 for k, _ in new_records if k in done)
     if resumed:
@@ -280,12 +325,12 @@ def build_index(
                 continue
             buffer.append(dict(key=key, features=res.features))
             if len(buffer) >= opts.part_size:
-                _write_part(index_dir, next_part, buffer)
+                _write_part(index_dir, next_part, buffer, extractor)
                 next_part += 1
                 added += len(buffer)
                 buffer = []
         if buffer:
-            _write_part(index_dir, next_part, buffer)
+            _write_part(index_dir, next_part, buffer, extractor)
             added += len(buffer)
             buffer = []
     except KeyboardInterrupt:
@@ -296,18 +341,20 @@ def build_index(
     extract_seconds = time.perf_counter() - t_extract
     skipped.extend(dict(row=d["row"], image=d["image"], reason=d["reason"]) for d in failed.values())
 
-    parts = _load_parts(index_dir)
+    parts = _load_parts(index_dir, extractor, log)
     # assembled in the metadata's order, whichever order the parts were written in (Ray, resumes)
     position = {k: i for i, (k, _) in enumerate(new_records)}
     parts.sort(key=lambda p: position.get(str(p["keys"][0]), -1))
-    _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif)
+    _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif,
+              allow_outside)
     m = read_manifest(index_dir)
     return BuildReport(
         str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds, ray_info
     )
 
 
-def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif):
+def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif,
+              allow_outside=False):
     rows, g_list, c_list, kp_list, d_list, s_list = [], [], [], [], [], []
     if existing is not None:
         md_old = existing["metadata"]
@@ -377,6 +424,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         metadata=[str(m) for m in metadata] if isinstance(metadata, (tuple, list)) else (str(metadata) if metadata else None),
         from_exif=bool(from_exif),
         format=fmt,
+        allow_outside=bool(allow_outside),
         added=len(md) - (len(existing["metadata"]) if existing is not None else 0),
         at=now_iso(),
     )

@@ -36,7 +36,10 @@ from delg_geo.exif import read_exif_gps_reason
 from delg_geo.geo import valid_latlon
 
 #: File name extensions treated as images (case-insensitive).
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".tif", ".tiff", ".heic", ".heif"})
+
+#: Why a file whose real path (symlinks resolved) lies outside the images folder is left out.
+OUTSIDE_REASON = "symlink leads outside the images folder (--allow-outside permits it)"
 
 _IMAGE_ALIASES = ("image", "image_path", "path", "file", "filename")
 _LAT_ALIASES = ("lat", "latitude")
@@ -114,11 +117,21 @@ def _parse_latlon(lat, lon) -> tuple[tuple[float, float] | None, str]:
     return (la, lo), ""
 
 
-def _walk_images(images_dir: Path) -> list[Path]:
-    """Image files under ``images_dir``, recursively, sorted by relative path.
+def outside_reason(path, images_dir) -> str:
+    """"" when the real path of ``path`` (every symlink resolved) lies inside the real
+    ``images_dir``; otherwise why it is refused."""
+    root = os.path.realpath(images_dir)
+    real = os.path.realpath(path)
+    return "" if os.path.commonpath([root, real]) == root else OUTSIDE_REASON
+
+
+def _walk_images(images_dir: Path, all_files: bool = False) -> list[Path]:
+    """Image files (``all_files``: every file) under ``images_dir``, recursively, sorted by
+    relative path.
 
     Hidden files and folders (name starting with ".") are left out, which also drops macOS
-    "._name.jpg" resource forks. Symlinked folders are followed once.
+    "._name.jpg" resource forks. Symlinked folders are followed once; whether a file's real
+    path stays inside ``images_dir`` is for the caller to check (:func:`outside_reason`).
     """
     root = Path(images_dir)
     found: list[Path] = []
@@ -133,7 +146,7 @@ def _walk_images(images_dir: Path) -> list[Path]:
         for name in filenames:
             if name.startswith("."):
                 continue
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if all_files or os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 p = Path(dirpath) / name
                 if p.is_file():
                     found.append(p)
@@ -213,9 +226,9 @@ def resolve_image_path(
 ) -> tuple[Path | None, str]:
     """Resolve ``image`` against ``images_dir``: ``(path, "")`` or ``(None, reason)``.
 
-    Absolute paths, and relative ones that climb out of ``images_dir`` (``../x.jpg``), are
-    refused unless ``allow_outside``. Containment is checked on the path as written (so folders
-    symlinked inside ``images_dir`` are fine); the returned path is fully resolved.
+    Absolute paths, relative ones that climb out of ``images_dir`` (``../x.jpg``), and paths
+    whose real location (every symlink resolved) lies outside ``images_dir`` are refused unless
+    ``allow_outside``. The returned path is fully resolved.
     """
     root = Path(images_dir)
     if _is_absolute(image):
@@ -229,6 +242,10 @@ def resolve_image_path(
     joined = os.path.normpath(os.path.join(base, image))
     if not allow_outside and os.path.commonpath([base, joined]) != base:
         return None, "path escapes the images folder (allow_outside permits it)"
+    if not allow_outside and os.path.lexists(joined):
+        why = outside_reason(joined, base)
+        if why:
+            return None, why
     return Path(joined).resolve(), ""
 
 
@@ -330,17 +347,23 @@ def read_csv_metadata(csv_path, images_dir, allow_outside: bool = False) -> Resu
 # EXIF
 
 
-def read_exif_metadata(images_dir) -> Result:
-    """Every image file under ``images_dir`` (recursive, sorted) with its EXIF GPS position.
+def read_exif_metadata(images_dir, allow_outside: bool = False) -> Result:
+    """Every file under ``images_dir`` (recursive, sorted, hidden ones left out) with its EXIF
+    GPS position (JPEG, TIFF, PNG, WebP, HEIC/HEIF).
 
-    Files without a usable position are :class:`Skipped` (``row=None``) with the reason, e.g.
-    "no EXIF GPS data" or "cannot read EXIF (...)".
+    Every other file is :class:`Skipped` (``row=None``) with the reason, e.g. "no EXIF GPS
+    data (GIF image)", "empty file", "not an image" or "symlink leads outside the images
+    folder": nothing in the folder is dropped silently.
     """
     root = _check_images_dir(images_dir)
     records: list[GeoRecord] = []
     skipped: list[Skipped] = []
-    for i, p in enumerate(_walk_images(root), start=1):
+    for i, p in enumerate(_walk_images(root, all_files=True), start=1):
         rel = _rel(p, root)
+        why = "" if allow_outside else outside_reason(p, root)
+        if why:
+            skipped.append(Skipped(None, rel, why))
+            continue
         try:
             pos, why = read_exif_gps_reason(p)
         except ImageLoadError as exc:
@@ -468,18 +491,22 @@ def parse_vpr_filename(name) -> tuple[float, float] | None:
     return None if f is None else (f["lat"], f["lon"])
 
 
-def read_vpr_metadata(images_dir) -> Result:
+def read_vpr_metadata(images_dir, allow_outside: bool = False) -> Result:
     """Every image file under ``images_dir`` whose name encodes its position (VPR or
     GSV-Cities convention). Other files are :class:`Skipped` with the reason."""
     root = _check_images_dir(images_dir)
-    return _vpr_from_files(root, _walk_images(root))
+    return _vpr_from_files(root, _walk_images(root), allow_outside)
 
 
-def _vpr_from_files(root: Path, files: list[Path]) -> Result:
+def _vpr_from_files(root: Path, files: list[Path], allow_outside: bool = False) -> Result:
     records: list[GeoRecord] = []
     skipped: list[Skipped] = []
     for i, p in enumerate(files, start=1):
         rel = _rel(p, root)
+        why = "" if allow_outside else outside_reason(p, root)
+        if why:
+            skipped.append(Skipped(None, rel, why))
+            continue
         f = parse_vpr_fields(p.name)
         if f is None:
             skipped.append(
@@ -674,7 +701,7 @@ def _lookup_yfcc(yfcc_file: Path, entries: list[_Entry]) -> None:
         raise MetadataError(f"{yfcc_file}: cannot read YFCC100M metadata file ({exc})") from None
 
 
-def read_yfcc_metadata(placing_file, yfcc_metadata_file, images_dir) -> Result:
+def read_yfcc_metadata(placing_file, yfcc_metadata_file, images_dir, allow_outside: bool = False) -> Result:
     """Images of a MediaEval Placing / YFCC100M subset with their coordinates.
 
     ``placing_file`` lists the photos, one per line, tab- (or comma-) separated, optionally
@@ -755,6 +782,9 @@ def read_yfcc_metadata(placing_file, yfcc_metadata_file, images_dir) -> Result:
             skipped.append(Skipped(e.row, label, why))
             continue
         path, why = finder.find(e.photo_id, e.hash)
+        if path is not None and not allow_outside:
+            why = outside_reason(path, root)
+            path = None if why else path
         if path is None:
             skipped.append(Skipped(e.row, label, why))
             continue
@@ -818,14 +848,14 @@ def read_metadata(
     if from_exif or fmt == "exif":
         if metadata is not None:
             raise MetadataError("give either a metadata file or --from-exif, not both")
-        return read_exif_metadata(root)
+        return read_exif_metadata(root, allow_outside=allow_outside)
     if metadata is not None:
         if isinstance(metadata, (tuple, list)):
             if len(metadata) != 2:
                 raise MetadataError("metadata pair must be (placing_file, yfcc_metadata_file)")
             if fmt not in ("auto", "yfcc"):
                 raise MetadataError(f"a pair of metadata files is read as yfcc, not {fmt}")
-            return read_yfcc_metadata(metadata[0], metadata[1], root)
+            return read_yfcc_metadata(metadata[0], metadata[1], root, allow_outside)
         path = Path(metadata)
         if not path.exists():
             raise MetadataError(f"{path}: metadata file not found")
@@ -840,16 +870,16 @@ def read_metadata(
             return read_csv_metadata(path, root, allow_outside=allow_outside)
         if len(_split(_first_line(path))) in (23, 24, 25):
             # the YFCC100M metadata itself: look up every image named by a photo id or hash
-            return read_yfcc_metadata(None, path, root)
-        return read_yfcc_metadata(path, None, root)
+            return read_yfcc_metadata(None, path, root, allow_outside)
+        return read_yfcc_metadata(path, None, root, allow_outside)
     files = _walk_images(root)
     if not files:
         raise MetadataError(f"{root}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     if fmt == "vpr":
-        return _vpr_from_files(root, files)
+        return _vpr_from_files(root, files, allow_outside)
     n_vpr = sum(parse_vpr_fields(p.name) is not None for p in files)
     if fmt == "auto" and n_vpr * 2 > len(files):
-        return _vpr_from_files(root, files)
+        return _vpr_from_files(root, files, allow_outside)
     raise MetadataError(
         f"{root}: no metadata given and the image names do not encode positions "
         f"({n_vpr} of {len(files)} follow the VPR @utm_east@utm_north@zone@letter@lat@lon@ "

@@ -51,7 +51,7 @@ def test_real_exif_matches_metadata_csv():
 def test_jpeg_without_exif_returns_none(tmp_path):
     p = _write(tmp_path / "plain.jpg", None, quality=90)
     assert read_exif_gps(p) is None
-    assert read_exif_gps_reason(p) == (None, "no EXIF GPS data")
+    assert read_exif_gps_reason(p) == (None, "no EXIF GPS data (JPEG image)")
 
 
 def test_exif_without_gps_returns_none(tmp_path):
@@ -100,7 +100,7 @@ def test_corrupt_files_return_none(tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"this is not an image at all" * 10)
     assert read_exif_gps(junk) is None
-    assert "cannot read EXIF" in read_exif_gps_reason(junk)[1]
+    assert read_exif_gps_reason(junk)[1] == "not an image (no image format recognised)"
     bad_app1 = tmp_path / "bad_app1.jpg"
     bad_app1.write_bytes(
         b"\xff\xd8\xff\xe1\x00\x20Exif\x00\x00MM\x00\x2a\xff\xff\xff\xff" + b"\x00" * 40
@@ -109,6 +109,7 @@ def test_corrupt_files_return_none(tmp_path):
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
     assert read_exif_gps(empty) is None
+    assert read_exif_gps_reason(empty)[1] == "empty file (0 bytes)"
 
 
 def test_truncated_jpeg_keeps_header_gps(tmp_path):

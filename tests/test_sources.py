@@ -192,8 +192,10 @@ def test_exif_metadata(tmp_path):
     ]
     assert records[0].extra == {"source": "exif"}
     why = {s.image: s.reason for s in skipped}
-    assert set(why) == {"a_no_gps.jpg", "broken.jpeg"}
-    assert "no EXIF GPS" in why["a_no_gps.jpg"] and "cannot read EXIF" in why["broken.jpeg"]
+    # every non-hidden file is indexed or listed with its reason (issue 11)
+    assert set(why) == {"a_no_gps.jpg", "broken.jpeg", "notes.txt"}
+    assert why["a_no_gps.jpg"] == "no EXIF GPS data (JPEG image)"
+    assert why["broken.jpeg"] == why["notes.txt"] == "not an image (no image format recognised)"
     assert all(s.row is None for s in skipped)
     assert read_metadata(tmp_path, from_exif=True)[0] == records
 
@@ -202,7 +204,11 @@ def test_exif_metadata(tmp_path):
 def test_exif_metadata_real():
     d = _need(DATA / "exif_gps")
     records, skipped = read_exif_metadata(d)
-    assert len(records) == 9 and skipped == []
+    # the folder's two text files are listed, not dropped silently
+    assert len(records) == 9 and {(s.image, s.reason) for s in skipped} == {
+        ("LICENSE_OpenSfM_BSD2.txt", "not an image (no image format recognised)"),
+        ("metadata.csv", "not an image (no image format recognised)"),
+    }
     assert records[0].image == "berlin/01.jpg"
     assert records[0].lat == pytest.approx(52.5189167, abs=1e-5)
 

@@ -10,9 +10,10 @@ top-level folder holding ``data.pkl`` (the state dict, tensors again as persiste
 to storages), ``data/<key>`` (each storage's raw little-endian bytes), and optionally
 ``byteorder`` and ``version``.
 
-Both go through the same restricted unpickler: only the handful of classes a state dict needs
-(``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and the typed storages) are
-resolved; anything else in the pickle is refused, so a crafted file cannot execute code.
+Every pickle of both formats (for the legacy one, the header's three as well as the state dict
+and the key list) goes through the same restricted unpickler: only the handful of classes a
+state dict needs (``collections.OrderedDict``, ``torch._utils._rebuild_tensor_v2`` and the typed
+storages) are resolved; anything else is refused, so a crafted file cannot execute code.
 """
 
 from __future__ import annotations
@@ -87,28 +88,45 @@ class _SafeUnpickler(pickle.Unpickler):
         return (key, stype)
 
 
+def _load_plain(f, what: str, path: Path):
+    """One header pickle (an int, a dict or a list of keys) through the restricted unpickler."""
+    try:
+        return _SafeUnpickler(f).load()
+    except pickle.UnpicklingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated or not a pickle at all
+        raise ValueError(f"{path}: not a legacy-format PyTorch file (cannot read its {what}: {e})") from None
+
+
 def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     """Return ``{name: ndarray}`` for a legacy-format PyTorch state dict."""
     path = Path(path)
     with open(path, "rb") as f:
-        magic = pickle.load(f)
+        magic = _load_plain(f, "magic number", path)
         if magic != LEGACY_MAGIC:
             raise ValueError(f"{path}: not a legacy-format PyTorch file (bad magic number)")
-        protocol = pickle.load(f)
+        protocol = _load_plain(f, "protocol version", path)
         if protocol != 1001:
             raise ValueError(f"{path}: unsupported legacy protocol {protocol}")
-        sys_info = pickle.load(f)
-        if not sys_info.get("little_endian", True):
+        sys_info = _load_plain(f, "system info", path)
+        if not isinstance(sys_info, dict) or not sys_info.get("little_endian", True):
             raise ValueError(f"{path}: big-endian files are not supported")
         unpickler = _SafeUnpickler(f)
         state = unpickler.load()
         storages = unpickler.storages
-        keys = pickle.load(f)
+        keys = _load_plain(f, "storage keys", path)
+        if not isinstance(keys, (list, tuple)):
+            raise ValueError(f"{path}: the storage key list is a {type(keys).__name__}, not a list")
         raw: dict[str, np.ndarray] = {}
         for key in keys:
-            (numel,) = struct.unpack("<q", f.read(8))
+            head = f.read(8)
+            if len(head) != 8 or str(key) not in storages:
+                raise ValueError(f"{path}: truncated or inconsistent (storage {key})")
+            (numel,) = struct.unpack("<q", head)
             stype = storages[str(key)]
             nbytes = numel * stype.dtype.itemsize
+            if numel < 0:
+                raise ValueError(f"{path}: negative storage size (storage {key})")
             buf = f.read(nbytes)
             if len(buf) != nbytes:
                 raise ValueError(f"{path}: truncated (storage {key})")

@@ -1,0 +1,269 @@
+"""Hostile input and damaged indexes (issue 11): every case asserts the exit code (or the error),
+the message, and that nothing was lost (the index still opens and answers the same, the skipped
+file is listed, nothing half-written).
+
+The indexes here are tiny: real Lund photos (../shared/data/exif_gps) with a three-scale
+extractor, so each build takes a few seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from conftest import REPO, shared_path
+
+SCALES = (0.7071, 1.0, 1.4142)
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def small_extractor():
+    from delg_geo.models.lite_delg import LiteDelgExtractor
+
+    return LiteDelgExtractor(scales=SCALES)
+
+
+def lund(n: int = 3) -> list[Path]:
+    d = shared_path("exif_gps", "lund")
+    return sorted(d.glob("*.jpg"))[:n]
+
+
+def make_collection(root: Path, n: int = 3) -> tuple[Path, Path]:
+    """``root/images`` with ``n`` Lund photos (EXIF GPS kept) and ``root/ref.csv`` listing them."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
+    for p in lund(n):
+        shutil.copy(p, images / p.name)
+        from delg_geo.exif import read_exif_gps
+
+        lat, lon = read_exif_gps(p)
+        rows.append(dict(image=p.name, lat=lat, lon=lon))
+    csv = root / "ref.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return images, csv
+
+
+def build(images, index, csv=None, extractor=None, **kw):
+    from index_builder.build import BuildOptions, build_index
+
+    logs: list[str] = []
+    opts = kw.pop("options", None) or BuildOptions(progress=False)
+    rep = build_index(images, index, csv, extractor=extractor, options=opts, log=logs.append, **kw)
+    return rep, logs
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    """``delg-geo ARGS`` in this process, through ``main()`` (as the installed script runs it)."""
+    from delg_geo.cli import main
+
+    capsys.readouterr()
+    old = sys.argv
+    sys.argv = ["delg-geo", *map(str, args)]
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = old
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, small_extractor):
+    """A complete 3-photo index, built once; tests copy it before damaging it."""
+    root = tmp_path_factory.mktemp("hostile")
+    images, csv = make_collection(root)
+    rep, _ = build(images, root / "index", csv, small_extractor)
+    assert rep.num_images == 3
+    return dict(root=root, images=images, csv=csv, index=root / "index")
+
+
+def copy_index(tiny, tmp_path) -> Path:
+    dst = tmp_path / "index"
+    shutil.copytree(tiny["index"], dst)
+    return dst
+
+
+def answers(index_dir, image, extractor) -> tuple[float, float, int]:
+    from delg_geo.index import GeoIndex
+    from delg_geo.locate import Geolocator, LocateConfig
+
+    geo = Geolocator(GeoIndex(index_dir), extractor, LocateConfig(top_k=3, places=False))
+    p = geo.locate(image)
+    return round(p.lat, 6), round(p.lon, 6), p.neighbour.id
+
+
+# -- 1. security -------------------------------------------------------------------------------------
+
+def _links(images: Path, outside: Path) -> None:
+    outside.mkdir(parents=True, exist_ok=True)
+    shutil.copy(lund(4)[3], outside / "04.jpg")
+    (images / "passwd.jpg").symlink_to("/etc/passwd")
+    (images / "out.jpg").symlink_to(outside / "04.jpg")
+    (images / "outdir").symlink_to(outside, target_is_directory=True)
+
+
+def test_symlinks_escaping_the_images_folder_are_skipped(tmp_path, small_extractor):
+    from index_builder.sources import OUTSIDE_REASON
+
+    images, csv = make_collection(tmp_path, 2)
+    _links(images, tmp_path / "elsewhere")
+    md = pd.read_csv(csv)
+    extra = pd.DataFrame([dict(image=n, lat=55.7, lon=13.19) for n in ("passwd.jpg", "out.jpg", "outdir/04.jpg")])
+    pd.concat([md, extra]).to_csv(csv, index=False)
+    rep, logs = build(images, tmp_path / "index", csv, small_extractor)
+    assert rep.num_images == 2
+    why = {s["image"]: s["reason"] for s in rep.skipped}
+    assert why == {"passwd.jpg": OUTSIDE_REASON, "out.jpg": OUTSIDE_REASON, "outdir/04.jpg": OUTSIDE_REASON}
+    listed = pd.read_csv(tmp_path / "index" / "skipped.csv")
+    assert set(listed.image) == set(why) and not any("/etc/passwd" in line for line in logs)
+    md_idx = pd.read_csv(tmp_path / "index" / "metadata.csv")
+    assert all(Path(p).resolve().is_relative_to(images.resolve()) for p in md_idx.path)
+
+    # the same folder read from EXIF: the links are listed with the same reason
+    rep2, _ = build(images, tmp_path / "index-exif", None, small_extractor, from_exif=True)
+    why2 = {s["image"]: s["reason"] for s in rep2.skipped}
+    assert rep2.num_images == 2 and why2["passwd.jpg"] == why2["out.jpg"] == why2["outdir/04.jpg"] == OUTSIDE_REASON
+
+    # --allow-outside takes the outside photo; /etc/passwd is still no photo
+    rep3, _ = build(images, tmp_path / "index-allow", None, small_extractor, from_exif=True, allow_outside=True)
+    why3 = {s["image"]: s["reason"] for s in rep3.skipped}
+    assert rep3.num_images == 4 and "out.jpg" not in why3 and why3["passwd.jpg"].startswith("not an image")
+
+
+def test_served_thumbnails_refuse_symlinks_swapped_in_later(tiny, tmp_path, small_extractor):
+    from fastapi.testclient import TestClient
+
+    from delg_geo.index import GeoIndex
+    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.serve import create_app
+
+    root = tmp_path / "c"
+    images, csv = make_collection(root, 2)
+    build(images, root / "index", csv, small_extractor)
+    geo = Geolocator(GeoIndex(root / "index"), small_extractor, LocateConfig(places=False))
+    client = TestClient(create_app(geo, preload_places=False))
+    ok = client.get("/api/thumb/0")
+    assert ok.status_code == 200 and ok.headers["content-type"] == "image/jpeg"
+    first = sorted(images.iterdir())[0]
+    first.unlink()
+    first.symlink_to("/etc/passwd")
+    r = client.get("/api/thumb/0?size=17")  # a size not cached yet
+    assert r.status_code == 404 and "not on disk" in r.json()["detail"] and "passwd" not in r.text
+    assert client.get("/api/thumb/1").status_code == 200  # the other photo is still served
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    return pickle.dumps(Evil(), protocol=2)
+
+
+@pytest.mark.parametrize("position", ["magic", "protocol", "sys_info", "state", "keys"])
+def test_crafted_pth_runs_no_code(tmp_path, position):
+    from delg_geo.models.torch_legacy import LEGACY_MAGIC, load_legacy_state_dict
+
+    marker = tmp_path / "pwned"
+    parts = {"magic": LEGACY_MAGIC, "protocol": 1001, "sys_info": {"little_endian": True}, "state": {}, "keys": []}
+    p = tmp_path / "evil.pth"
+    with open(p, "wb") as f:
+        for name, obj in parts.items():
+            f.write(_evil_pickle(marker) if name == position else pickle.dumps(obj, protocol=2))
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
+        load_legacy_state_dict(p)
+    assert not marker.exists()
+
+
+def _flat(text: str) -> str:
+    """Help text without rich's box drawing and line breaks."""
+    return " ".join(re.sub("[\u2500-\u257f]", " ", text).split())
+
+
+def test_model_path_warning_in_help_and_readme(capsys):
+    for cmd in (["query"], ["index", "build"], ["extract"]):
+        code, out, _ = run_cli(capsys, *cmd, "--help")
+        assert code == 0 and "trusted models only" in _flat(out), cmd
+    assert "trusted models only" in (REPO / "README.md").read_text()
+
+
+# -- 3. no tracebacks --------------------------------------------------------------------------------
+
+def _interrupted(tmp_path, small_extractor, monkeypatch) -> tuple[Path, Path, Path]:
+    """A build killed (Ctrl-C) after extraction, before the final write: checkpoints, no manifest."""
+    import index_builder.build as build_mod
+
+    images, csv = make_collection(tmp_path, 3)
+    index = tmp_path / "index"
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(build_mod, "_finalize", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            build(images, index, csv, small_extractor)
+    assert (index / ".building" / "parts" / "part-00000.npz").exists() and not (index / "manifest.json").exists()
+    return images, csv, index
+
+
+@pytest.mark.parametrize("damage", ["failed.jsonl", "state.json"])
+def test_resume_with_damaged_build_files(tmp_path, small_extractor, damage, monkeypatch):
+    from delg_geo.index import GeoIndex
+
+    images, csv, index = _interrupted(tmp_path, small_extractor, monkeypatch)
+    target = index / ".building" / damage
+    target.write_text('{"key": "x", "row"' if damage == "failed.jsonl" else "")
+    rep, logs = build(images, index, csv, small_extractor, resume=True)
+    assert rep.num_images == 3 and rep.resumed == 3 and len(GeoIndex(index)) == 3
+    expected = "damaged line(s) ignored" if damage == "failed.jsonl" else "is damaged"
+    assert any(expected in line for line in logs), logs
+    assert not (index / ".building").exists()
+
+
+def test_non_numeric_latitude_in_an_index(tiny, tmp_path, capsys):
+    index = copy_index(tiny, tmp_path)
+    text = (index / "metadata.csv").read_text().splitlines()
+    cols = text[0].split(",")
+    row = text[2].split(",")
+    row[cols.index("lat")] = "north"
+    text[2] = ",".join(row)
+    (index / "metadata.csv").write_text("\n".join(text) + "\n")
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
+    assert code == 2 and out == ""
+    assert "metadata.csv" in err and "Traceback" not in err and "damaged" in err
+
+
+def test_explain_pointing_at_a_folder(tiny, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--explain", tmp_path)
+    assert code == 2 and out == "" and "--explain" in err and "is a folder" in err
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_map_whose_parent_is_a_file_fails_before_any_answer(tiny, tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("x")
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--map", f / "m.html")
+    assert code == 2 and out == "" and "is a file, not a folder" in err and "Traceback" not in err
+    assert f.read_text() == "x"
+
+
+def test_outputs_in_a_new_folder_are_written(tiny, tmp_path, capsys):
+    m = tmp_path / "new" / "deeper" / "m.html"
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--map", m, "--top-k", "3")
+    assert code == 0 and m.stat().st_size > 1000 and "01.jpg" in out
