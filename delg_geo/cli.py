@@ -231,6 +231,29 @@ def index_info(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False
             typer.echo(f"{k}: {v}")
 
 
+@index_app.command("verify")
+def index_verify(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False, "--json")):
+    """Check every file of an index against its manifest's sizes and checksums, then its contents
+    (metadata ranges, the FAISS vectors, every image's local features). Exit 1 if anything is damaged."""
+    from .integrity import verify_index
+
+    idx = _index_or_env(index)
+    rep = verify_index(idx)
+    if json_out:
+        _emit_json(rep)
+    else:
+        for f in rep["files"]:
+            typer.echo(f"{f['name']}: {'ok' if f['ok'] else 'DAMAGED: ' + f['problem']}")
+        if rep.get("note"):
+            typer.echo(f"note: {rep['note']}")
+        typer.echo(f"checked: {', '.join(rep['checked'])}")
+    if not rep["ok"]:
+        _err(f"index {idx} is damaged: " + "; ".join(rep["problems"]))
+        raise typer.Exit(1)
+    if not json_out:
+        typer.echo(f"index {idx}: ok")
+
+
 def _index_or_env(index: Optional[Path]) -> Path:
     from .config import default_index
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import IndexFormatError
+from .integrity import check_metadata, damaged_message, faiss_problem, file_problem, local_features_problem, reference_norm
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -59,6 +60,7 @@ class Manifest:
     model_config: dict = field(default_factory=dict)
     whitening: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> size in bytes, checked on load
+    checksums: dict = field(default_factory=dict)  # name -> "xxh3_128:hex" (see delg_geo.integrity)
     skipped: list = field(default_factory=list)  # [{"row", "image", "reason"}]
     sources: list = field(default_factory=list)  # how each batch of images came in
     versions: dict = field(default_factory=dict)
@@ -150,31 +152,6 @@ def read_manifest(index_dir: str | Path) -> Manifest:
     return m
 
 
-def check_metadata(md, where: str | Path) -> None:
-    """Refuse a metadata table with missing columns, or coordinates or sizes that are not
-    numbers in range: raises :class:`IndexFormatError` naming the file, the first bad line
-    (the header is line 1) and the value."""
-    import pandas as pd
-
-    missing = [c for c in ("image", "path", "lat", "lon", "width", "height") if c not in md.columns]
-    if missing:
-        raise IndexFormatError(f"{where}: missing column(s) {', '.join(missing)}; the index is damaged, rebuild it")
-    checks = (("lat", -90.0, 90.0, "a latitude"), ("lon", -180.0, 180.0, "a longitude"),
-              ("width", 1, 1_000_000, "an image width"), ("height", 1, 1_000_000, "an image height"))
-    for col, lo, hi, what in checks:
-        v = pd.to_numeric(md[col], errors="coerce").to_numpy(np.float64)
-        bad = ~np.isfinite(v) | (v < lo) | (v > hi)
-        if col in ("width", "height"):
-            bad |= np.isfinite(v) & (v != np.round(v))
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            raise IndexFormatError(
-                f"{where}: line {i + 2} ({md[col].iloc[i]!r} in column {col}) is not {what} "
-                f"in [{lo}, {hi}] ({int(bad.sum())} bad rows); the index is damaged, rebuild it "
-                "or check it with `delg-geo index verify`"
-            )
-
-
 # -- FAISS ----------------------------------------------------------------------------------
 
 def choose_index_type(n: int, requested: str = "auto", exact_limit: int = DEFAULT_EXACT_LIMIT) -> str:
@@ -229,9 +206,15 @@ def to_device(index):
 # -- reading ---------------------------------------------------------------------------------
 
 class GeoIndex:
-    """A complete index, opened for querying. Local features are memory-mapped."""
+    """A complete index, opened for querying. Local features are memory-mapped.
 
-    def __init__(self, index_dir: str | Path, device: str = "auto"):
+    Opening checks what is cheap (``check_files``): the checksum of ``metadata.csv`` and of every
+    file up to 64 MB, the metadata's value ranges, and a sample of the FAISS vectors; a damaged
+    index is refused with a message naming the file. Each candidate's local features are checked
+    when they are read for verification (:meth:`candidate_problem`).
+    """
+
+    def __init__(self, index_dir: str | Path, device: str = "auto", check_files: bool = True):
         import faiss
         import pandas as pd
 
@@ -239,10 +222,19 @@ class GeoIndex:
 
         self.path = Path(index_dir)
         self.manifest = read_manifest(self.path)
+        if check_files:
+            for name, size in self.manifest.files.items():
+                why = file_problem(self.path, name, size, self.manifest.checksums.get(name), full=False)
+                if why:
+                    raise IndexFormatError(damaged_message(self.path, name, why))
+        try:
+            cpu_index = faiss.read_index(str(self.path / "global.faiss"))
+        except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with a C++ trace
+            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+            raise IndexFormatError(damaged_message(self.path, "global.faiss", f"cannot be read ({msg})")) from None
         try:
             self.metadata = pd.read_csv(self.path / "metadata.csv", keep_default_na=False, na_values=[""])
             self.whitening = Whitening.load(self.path / "whitening.npz")
-            cpu_index = faiss.read_index(str(self.path / "global.faiss"))
             self.offsets = np.load(self.path / "local_offsets.npy")
             self.keypoints = np.load(self.path / "local_keypoints.npy", mmap_mode="r")
             self.descriptors = np.load(self.path / "local_descriptors.npy", mmap_mode="r")
@@ -258,9 +250,16 @@ class GeoIndex:
                 f"faiss {cpu_index.ntotal}, offsets {len(self.offsets) - 1}); rebuild it"
             )
         check_metadata(self.metadata, self.path / "metadata.csv")
+        if np.any(np.diff(self.offsets) < 0) or self.offsets[0] != 0 or self.offsets[-1] != len(self.descriptors) \
+                or len(self.keypoints) != len(self.descriptors):
+            raise IndexFormatError(damaged_message(self.path, "local_offsets.npy", "does not match the local feature arrays"))
+        why = faiss_problem(cpu_index, self.manifest.search_dim, self.path / "global_raw.npy", self.whitening)
+        if why:
+            raise IndexFormatError(damaged_message(self.path, "global.faiss", why))
         self.lats = self.metadata["lat"].to_numpy(np.float64)
         self.lons = self.metadata["lon"].to_numpy(np.float64)
         self.sizes = self.metadata[["width", "height"]].to_numpy(np.int64)  # per image, for verification
+        self._norm_ref: float | None = None
         self.faiss_index, self.device = (cpu_index, "cpu") if device == "cpu" else to_device(cpu_index)
 
     def __len__(self) -> int:
@@ -273,6 +272,27 @@ class GeoIndex:
 
     def image_size(self, i: int) -> tuple[int, int]:
         return int(self.sizes[i, 0]), int(self.sizes[i, 1])
+
+    @property
+    def local_norm_ref(self) -> float:
+        """The typical norm of this index's local descriptors (median over a spread sample)."""
+        if self._norm_ref is None:
+            self._norm_ref = reference_norm(self.local_features, len(self))
+        return self._norm_ref
+
+    def candidate_problem(self, i: int, kp: np.ndarray, desc: np.ndarray) -> str | None:
+        """Why image ``i``'s local features (as :meth:`local_features` returned them) are damaged."""
+        return local_features_problem(kp, desc, self.image_size(i), self.local_norm_ref)
+
+    def damaged_images(self) -> list[tuple[int, str]]:
+        """``(id, problem)`` of every image whose local features are damaged (reads them all)."""
+        out = []
+        for i in range(len(self)):
+            kp, desc = self.local_features(i)
+            why = self.candidate_problem(i, kp, desc)
+            if why:
+                out.append((i, why))
+        return out
 
     def check_model(self, model_id: str, fingerprint: str) -> None:
         m = self.manifest

@@ -27,7 +27,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import DelgGeoError, ImageLoadError
+from .errors import DelgGeoError, ImageLoadError, IndexFormatError
 from .features import Features
 from .geo import haversine_km
 from .images import LoadedImage, load_image
@@ -211,12 +211,16 @@ class Geolocator:
         return self.decide(label, cand.ids, cand.similarities, inliers, timings)
 
     def verify_candidates(self, feats: Features, ids: np.ndarray) -> np.ndarray:
+        """Inliers per candidate; -1 marks a candidate whose stored local features are damaged
+        (:meth:`decide` leaves it out, with a note)."""
         vc = self.config.verify_config
         q_kp = feats.keypoints[: vc.max_features]
         q_desc = feats.local_descriptors[: vc.max_features]
 
         def one(i: int) -> int:
             kp, desc = self.index.local_features(int(i))
+            if self.index.candidate_problem(int(i), kp, desc):
+                return -1
             return verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, self.index.image_size(int(i))).inliers
 
         return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
@@ -228,8 +232,23 @@ class Geolocator:
         cfg = self.config
         vc = cfg.verify_config
         md = self.index.metadata
+        ids, sims, inliers = np.asarray(ids), np.asarray(sims), np.asarray(inliers)
         if len(ids) == 0:
-            raise DelgGeoError("the index returned no candidates")
+            from .integrity import damaged_message
+
+            raise IndexFormatError(damaged_message(self.index.path, "global.faiss", "returned no candidates for a valid query"))
+        damage_note = ""
+        if (inliers < 0).any():  # damaged candidates: skipped, never used silently
+            bad = ids[inliers < 0]
+            whys = [f"id {int(i)} ({md.at[int(i), 'image']}): {self.index.candidate_problem(int(i), *self.index.local_features(int(i)))}"
+                    for i in bad[:3]]
+            damage_note = (f"skipped {len(bad)} damaged candidate(s) whose stored local features cannot be trusted "
+                           f"({'; '.join(whys)}{'; ...' if len(bad) > 3 else ''}); check the index with "
+                           "`delg-geo index verify`")
+            keep = inliers >= 0
+            ids, sims, inliers = ids[keep], sims[keep], inliers[keep]
+            if len(ids) == 0:
+                raise IndexFormatError(f"damaged index {self.index.path}: every candidate was damaged; {damage_note}")
         verified = cfg.verify and inliers.max(initial=0) >= vc.min_inliers
         lats_c = self.index.lats[ids]
         lons_c = self.index.lons[ids]
@@ -282,7 +301,8 @@ class Geolocator:
                                     float(sims[j]), float(d[0])))
         pred = Prediction(
             image=str(label), lat=lat, lon=lon, method=method, confidence=round(conf, 4),
-            inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings, note=note,
+            inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings,
+            note="; ".join(n for n in (note, damage_note) if n),
         )
         if cfg.places:
             from .places import place_dicts

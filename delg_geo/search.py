@@ -22,6 +22,11 @@ def search(index: GeoIndex, global_descriptors: np.ndarray, k: int = 100) -> lis
     sims, ids = index.faiss_index.search(np.ascontiguousarray(q, np.float32), k)
     out = []
     for s, i in zip(sims, ids):
-        keep = i >= 0
+        keep = i >= 0  # -1: an approximate index found fewer than k
+        if (i[keep] >= len(index)).any() or not np.isfinite(s[keep]).all():
+            from .errors import IndexFormatError
+            from .integrity import damaged_message
+
+            raise IndexFormatError(damaged_message(index.path, "global.faiss", "returned ids or similarities out of range"))
         out.append(Candidates(ids=i[keep].astype(np.int64), similarities=s[keep].astype(np.float32)))
     return out

@@ -20,6 +20,7 @@ import pandas as pd
 
 from delg_geo.errors import DelgGeoError, IndexFormatError
 from delg_geo.extract import iter_extract
+from delg_geo.integrity import damaged_message, file_checksum, file_problem
 from delg_geo.index import (
     DATA_FILES,
     MANIFEST,
@@ -153,7 +154,11 @@ def _existing_index_arrays(index_dir: Path) -> dict | None:
     """The arrays of a complete index, as one part (for ``index add``)."""
     if not (index_dir / MANIFEST).exists():
         return None
-    read_manifest(index_dir)
+    m = read_manifest(index_dir)
+    for name, size in m.files.items():  # every byte is read below anyway: check them all first
+        why = file_problem(index_dir, name, size, m.checksums.get(name), full=True)
+        if why:
+            raise IndexFormatError(damaged_message(index_dir, name, why))
     md = pd.read_csv(index_dir / "metadata.csv", keep_default_na=False, na_values=[""])
     check_metadata(md, index_dir / "metadata.csv")
     offsets = np.load(index_dir / "local_offsets.npy")
@@ -429,6 +434,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         at=now_iso(),
     )
     files = {name: (staging / name).stat().st_size for name in (*DATA_FILES, "skipped.csv")}
+    checksums = {name: file_checksum(staging / name) for name in files}
     manifest = Manifest(
         model_id=extractor.model_id,
         model_fingerprint=extractor.fingerprint,
@@ -441,6 +447,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         model_config=getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
         whitening=wh_info,
         files=files,
+        checksums=checksums,
         skipped=all_skipped,
         sources=(old.sources if old else []) + [source],
         versions=library_versions(),

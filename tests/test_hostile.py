@@ -267,3 +267,117 @@ def test_outputs_in_a_new_folder_are_written(tiny, tmp_path, capsys):
     m = tmp_path / "new" / "deeper" / "m.html"
     code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--map", m, "--top-k", "3")
     assert code == 0 and m.stat().st_size > 1000 and "01.jpg" in out
+
+
+# -- 2. damaged indexes: checksums, verify, checks on open, damaged candidates --------------------------
+
+def _manifest(index) -> dict:
+    return json.loads((index / "manifest.json").read_text())
+
+
+def _edit_manifest(index, fn) -> None:
+    d = _manifest(index)
+    fn(d)
+    (index / "manifest.json").write_text(json.dumps(d, indent=2))
+
+
+def test_every_file_has_a_checksum_and_verify_passes(tiny, capsys):
+    from delg_geo.integrity import file_checksum
+
+    m = _manifest(tiny["index"])
+    assert set(m["checksums"]) == set(m["files"]) >= {"metadata.csv", "global.faiss", "local_descriptors.npy", "skipped.csv"}
+    for name, cs in m["checksums"].items():
+        assert cs.startswith("xxh3_128:") and file_checksum(tiny["index"] / name) == cs
+    code, out, err = run_cli(capsys, "index", "verify", "--index", tiny["index"])
+    assert code == 0 and out.strip().endswith("ok") and "metadata.csv: ok" in out, err
+    code, out, _ = run_cli(capsys, "index", "verify", "--index", tiny["index"], "--json")
+    rep = json.loads(out)
+    assert code == 0 and rep["ok"] and rep["checked"] == ["sizes", "checksums", "metadata", "global index", "local features"]
+
+
+def test_edited_coordinate_is_refused(tiny, tmp_path, capsys, small_extractor):
+    index = copy_index(tiny, tmp_path)
+    before = answers(index, lund(1)[0], small_extractor)
+    md = (index / "metadata.csv").read_text()
+    lat = f"{pd.read_csv(index / 'metadata.csv').lat[1]}"
+    edited = md.replace(lat, str(float(lat) + 3.0)[: len(lat)], 1)
+    assert len(edited) == len(md) and edited != md  # same size: only the content differs
+    (index / "metadata.csv").write_text(edited)
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
+    assert code == 2 and out == "" and "damaged index" in err and "metadata.csv content does not match its checksum" in err
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index)
+    assert code == 1 and "metadata.csv: DAMAGED" in out and "metadata.csv" in err
+    # the other files are intact: restoring the file restores the answers
+    (index / "metadata.csv").write_text(md)
+    assert answers(index, lund(1)[0], small_extractor) == before
+
+
+@pytest.mark.parametrize("with_checksums", [True, False])
+def test_random_bytes_in_global_faiss(tiny, tmp_path, capsys, with_checksums):
+    index = copy_index(tiny, tmp_path)
+    size = (index / "global.faiss").stat().st_size
+    head = (index / "global.faiss").read_bytes()[:64]  # the header survives; the vectors do not
+    (index / "global.faiss").write_bytes(head + np.random.default_rng(0).bytes(size - 64))
+    if not with_checksums:  # as an index built before checksums were recorded
+        _edit_manifest(index, lambda d: d.pop("checksums"))
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
+    assert code == 2 and out == "" and "damaged index" in err and "global.faiss" in err
+    assert "no candidates" not in err
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index)
+    assert code == 1 and "global.faiss" in err
+
+
+def _damage_local(index, image_id: int, what: str) -> None:
+    offsets = np.load(index / "local_offsets.npy")
+    a, b = int(offsets[image_id]), int(offsets[image_id + 1])
+    name = "local_keypoints.npy" if what.startswith("kp") else "local_descriptors.npy"
+    arr = np.load(index / name, mmap_mode="r+")
+    rng = np.random.default_rng(1)
+    if what == "desc_nan":
+        arr[a:b] = np.nan
+    elif what == "desc_random":
+        arr[a:b] = rng.random(arr[a:b].shape).astype(arr.dtype)
+    elif what == "kp_huge":
+        arr[a:b] = 1e30
+    elif what == "kp_nan":
+        arr[a:b] = np.nan
+    arr.flush()
+    del arr
+
+
+@pytest.mark.parametrize("what", ["desc_nan", "desc_random", "kp_huge", "kp_nan"])
+def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extractor, monkeypatch, capsys, what):
+    import delg_geo.integrity as integrity
+    from delg_geo.index import GeoIndex
+    from delg_geo.locate import Geolocator, LocateConfig
+
+    index = copy_index(tiny, tmp_path)
+    query = lund(2)[1]  # 02.jpg is image 1 of the index: its own best match
+    before = Geolocator(GeoIndex(index), small_extractor, LocateConfig(top_k=3, places=False)).locate(query)
+    assert before.neighbour.id == 1 and before.method == "verified"
+    _damage_local(index, 1, what)
+    # with checksums, opening refuses the index outright, naming the file
+    code, out, err = run_cli(capsys, "query", query, "--index", index)
+    name = "local_keypoints.npy" if what.startswith("kp") else "local_descriptors.npy"
+    assert code == 2 and out == "" and f"{name} content does not match its checksum" in err
+    # a store too large to checksum on open (here: a 0-byte budget) is checked per candidate
+    monkeypatch.setattr(integrity, "CHEAP_CHECK_BYTES", 0)
+    geo = Geolocator(GeoIndex(index), small_extractor, LocateConfig(top_k=3, places=False))
+    p = geo.locate(query)
+    assert p.neighbour.id != 1 and all(a.id != 1 for a in p.alternatives)
+    assert "skipped 1 damaged candidate" in p.note and "id 1 (02.jpg)" in p.note and "index verify" in p.note
+    # verify finds it even without checksums (an index built before they were recorded)
+    _edit_manifest(index, lambda d: d.pop("checksums"))
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index)
+    assert code == 1 and "image 1 (02.jpg): local features" in err
+
+
+def test_add_refuses_a_damaged_index(tiny, tmp_path, small_extractor):
+    from delg_geo.errors import IndexFormatError
+
+    index = copy_index(tiny, tmp_path)
+    _damage_local(index, 0, "desc_nan")
+    before = {p.name: p.read_bytes() for p in index.iterdir()}
+    with pytest.raises(IndexFormatError, match="local_descriptors.npy content does not match"):
+        build(tiny["images"], index, tiny["csv"], small_extractor, add=True, resume=True)
+    assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # nothing touched
