@@ -202,7 +202,12 @@ def index_add(
 
     index = _index_or_env(index)
     m = read_manifest(index) if (index / "manifest.json").exists() else None
-    model = m.model_id if m else None
+    model = (m.model_path if m.model_path and Path(m.model_path).is_dir() else m.model_id) if m else None
+    if m is None:  # an interrupted add whose manifest was being replaced: the model it was using
+        try:
+            model = json.loads((index / ".building" / "state.json").read_text()).get("model_id")
+        except (OSError, ValueError, AttributeError):
+            model = None
     _build(images_dir, metadata, index, model, from_exif, fmt, True, False, allow_outside, m.index_type if m else "auto", batch_size, json_out, add=True)
 
 

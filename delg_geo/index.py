@@ -66,6 +66,8 @@ class Manifest:
     versions: dict = field(default_factory=dict)
     created: str = ""
     updated: str = ""
+    build_id: str = ""  # the run that wrote this manifest (its checkpoints carry the same id)
+    model_path: str = ""  # --model PATH: the SavedModel folder the index was built with
     format_version: int = FORMAT_VERSION
 
     @property
@@ -88,17 +90,22 @@ def now_iso() -> str:
 def library_versions() -> dict:
     import faiss
     import pandas
-    import tensorflow as tf
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as _version
 
     from . import __version__
 
+    try:  # from the installed metadata: importing TensorFlow only for its version costs seconds
+        tf_version = _version("tensorflow")
+    except PackageNotFoundError:
+        tf_version = "?"
     out = {
         "delg_geo": __version__,
         "python": platform.python_version(),
         "numpy": np.__version__,
         "pandas": pandas.__version__,
         "faiss": getattr(faiss, "__version__", "?"),
-        "tensorflow": tf.__version__,
+        "tensorflow": tf_version,
     }
     try:
         import pydegensac  # noqa: F401

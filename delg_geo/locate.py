@@ -156,6 +156,24 @@ class Geolocator:
         index = GeoIndex(index_dir, device=device)
         m = index.manifest
         name = model or m.model_id
+        if model is None and m.model_path:  # built with --model PATH: the folder it recorded
+            from .errors import ModelError
+            from .models.registry import MODELS
+
+            if Path(m.model_path).is_dir():
+                name = m.model_path
+            elif m.model_id not in MODELS:
+                raise ModelError(
+                    f"{index_dir} was built with the SavedModel folder {m.model_path} (model {m.model_id}), "
+                    "which is no longer there; pass --model PATH with that SavedModel's folder"
+                )
+        elif model is None and m.model_id.startswith("delg-savedmodel-"):
+            from .errors import ModelError
+
+            raise ModelError(
+                f"{index_dir} was built with a SavedModel folder (model {m.model_id}) that its manifest does not "
+                "record; pass --model PATH with that SavedModel's folder"
+            )
         options = {}
         if name == m.model_id and name == "efficientnet-lite0" and m.model_config:
             from .models.lite_delg import LiteDelgConfig

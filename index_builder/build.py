@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -78,6 +80,43 @@ def _state_path(index_dir: Path) -> Path:
     return index_dir / BUILDING / "state.json"
 
 
+def _kill_point(name: str) -> None:
+    """Tests only: ``DELG_GEO_TEST_KILL_AT=name`` kills this process (SIGKILL) at that point,
+    as a power cut would (see tests/test_hostile.py, the recovery harness)."""
+    if os.environ.get("DELG_GEO_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _read_state(index_dir: Path) -> dict | None:
+    try:
+        d = json.loads(_state_path(index_dir).read_text())
+        return d if isinstance(d, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _finished_leftovers(index_dir: Path) -> bool:
+    """True when ``.building``/``.staging`` are leftovers of the build that wrote the manifest."""
+    if not (index_dir / MANIFEST).exists() or (index_dir / STAGING / MANIFEST).exists():
+        return False
+    if not (index_dir / BUILDING).exists():
+        return False
+    try:
+        built_by = json.loads((index_dir / MANIFEST).read_text()).get("build_id")
+    except (OSError, ValueError, AttributeError):
+        return False
+    state = _read_state(index_dir)
+    return bool(built_by) and state is not None and state.get("build_id") == built_by
+
+
+def _empty_building(index_dir: Path) -> bool:
+    """``.building`` exists but holds no saved work (no checkpoint, no failure list)."""
+    b = index_dir / BUILDING
+    if not b.exists():
+        return False
+    return not any((b / "parts").glob("part-*.npz")) and not (b / "failed.jsonl").exists()
+
+
 def _load_parts(index_dir: Path, extractor=None, log=None) -> list[dict]:
     """The checkpoints of an interrupted run. A damaged one, or one written by another model
     (its fingerprint, or for old checkpoints its dimensions, differ), is removed: its images
@@ -94,8 +133,8 @@ def _load_parts(index_dir: Path, extractor=None, log=None) -> list[dict]:
                     and int(part["counts"].sum()) == len(part["keypoints"]) == len(part["descriptors"])):
                 why = "inconsistent arrays"
             elif extractor is not None:
-                fp = str(part["model_fingerprint"]) if "model_fingerprint" in part else None
-                if (fp is not None and fp != extractor.fingerprint) or part["global_raw"].shape[1] != extractor.global_dim:
+                fp = str(part["model_fingerprint"]) if "model_fingerprint" in part else ""
+                if (fp and fp != extractor.fingerprint) or part["global_raw"].shape[1] != extractor.global_dim:
                     why = "written by another model"
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint is re-extracted
             why = f"unreadable ({type(e).__name__})"
@@ -126,7 +165,20 @@ def _write_part(index_dir: Path, number: int, rows: list[dict], extractor=None) 
     final = parts_dir / f"part-{number:05d}.npz"
     tmp = parts_dir / f".part-{number:05d}.tmp.npz"
     np.savez(tmp, **arrays)
+    _kill_point("part-tmp")
     os.replace(tmp, final)
+    _kill_point("part")
+
+
+def _select(part: dict, keep: np.ndarray) -> dict:
+    """The images of a checkpoint where ``keep`` is true (features follow their images)."""
+    feat_keep = np.repeat(keep, part["counts"])
+    out = dict(part)
+    for k in ("keys", "global_raw", "counts", "sizes"):
+        out[k] = part[k][keep]
+    for k in ("keypoints", "descriptors", "scores"):
+        out[k] = part[k][feat_keep]
+    return out
 
 
 def _read_failed(failed_file: Path, log) -> dict:
@@ -200,6 +252,16 @@ def build_index(
     t_start = time.perf_counter()
     images_dir = Path(images_dir)
     index_dir = Path(index_dir)
+    _kill_point("start")
+    if _finished_leftovers(index_dir):
+        # killed after the manifest was in place, before the checkpoints were removed: the index
+        # is whole, the leftovers are only in the way
+        shutil.rmtree(index_dir / STAGING, ignore_errors=True)
+        shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
+        log(f"{index_dir}: the previous build had finished; removed its leftover checkpoints")
+    elif _empty_building(index_dir) and not (index_dir / STAGING).exists():
+        # a run that failed or was killed before saving any work (a bad metadata file, say)
+        shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
     has_manifest = (index_dir / MANIFEST).exists()
     has_building = (index_dir / BUILDING).exists() or (index_dir / STAGING).exists()
 
@@ -212,6 +274,10 @@ def build_index(
     if add and not has_manifest and not has_building:
         raise IndexFormatError(f"{index_dir}: no index to add to (build one with `delg-geo index build`)")
     if has_manifest and not add and not has_building:
+        if resume:  # nothing left to resume: the index is complete
+            m = read_manifest(index_dir)
+            log(f"{index_dir}: the index is complete ({m.num_images} images); nothing to resume")
+            return BuildReport(str(index_dir), m.num_images, 0, 0, m.skipped, time.perf_counter() - t_start)
         raise DelgGeoError(
             f"{index_dir} already holds an index; use `delg-geo index add` to extend it, "
             "or --overwrite to rebuild it"
@@ -223,11 +289,14 @@ def build_index(
     if (index_dir / STAGING / MANIFEST).exists():
         # the previous run finished computing and died while moving files into place
         _swap_staging(index_dir)
-        log(f"finished moving the staged index into place at {index_dir}")
-        if not add:
-            m = read_manifest(index_dir)
-            return BuildReport(str(index_dir), m.num_images, 0, m.num_images, m.skipped, time.perf_counter() - t_start)
-        has_manifest = True
+        m = read_manifest(index_dir)
+        log(f"finished moving the staged index into place at {index_dir} ({m.num_images} images)")
+        return BuildReport(str(index_dir), m.num_images, 0, m.num_images, m.skipped, time.perf_counter() - t_start)
+
+    # the metadata is read before anything is written: a bad metadata file leaves nothing behind
+    records, skipped_rows = read_metadata(
+        images_dir, metadata=metadata, from_exif=from_exif, fmt=fmt, allow_outside=allow_outside
+    )
 
     if extractor is None:
         from delg_geo.models import get_extractor
@@ -259,19 +328,17 @@ def build_index(
                 f"{index_dir}: the interrupted build used model {state.get('model_id')!r} "
                 f"({str(state.get('model_fingerprint'))[:12]}); resume it with that model or use --overwrite"
             )
-    if state is None:
-        state = {
+    if state is None or not state.get("build_id"):
+        state = dict(state or {}, **{
             "model_id": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,
-            "started": now_iso(),
+            "started": (state or {}).get("started") or now_iso(),
             "mode": "add" if add else "build",
-        }
+            "build_id": secrets.token_hex(8),  # the finished manifest carries it (see _finished_leftovers)
+        })
         state_file.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(state_file, json.dumps(state, indent=2))
-
-    records, skipped_rows = read_metadata(
-        images_dir, metadata=metadata, from_exif=from_exif, fmt=fmt, allow_outside=allow_outside
-    )
+    _kill_point("state")
     skipped = [dict(row=s.row, image=s.image, reason=s.reason) for s in skipped_rows]
     for s in skipped_rows:
         log(f"skipped row {s.row}: {s.image}: {s.reason}")
@@ -305,7 +372,7 @@ def build_index(
         log(f"skipped row {rec.row}: {reason}")
         entry = dict(key=key, row=rec.row, image=rec.image, reason=reason)
         with open(failed_file, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+            f.write("\n" + json.dumps(entry) + "\n")  # a line cut by a kill stays alone
         failed[key] = entry
 
     if ray is not None:  # Ray workers write the parts; the loop below then has nothing to do
@@ -327,6 +394,7 @@ def build_index(
             key, rec = todo[res.index]
             if not res.ok:
                 record_failure(key, res.error)
+                _kill_point("failed")
                 continue
             buffer.append(dict(key=key, features=res.features))
             if len(buffer) >= opts.part_size:
@@ -344,9 +412,16 @@ def build_index(
             "continue with the same command and --resume"
         ) from None
     extract_seconds = time.perf_counter() - t_extract
-    skipped.extend(dict(row=d["row"], image=d["image"], reason=d["reason"]) for d in failed.values())
+    skipped.extend(dict(row=d["row"], image=d["image"], reason=d["reason"]) for k, d in failed.items() if k in by_key)
+    _kill_point("extracted")
 
     parts = _load_parts(index_dir, extractor, log)
+    if existing is not None and not parts:
+        # nothing new to add (all already there, or none could be used): the index stays as it is
+        shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
+        log(f"{index_dir}: no new image to add; the index is unchanged")
+        return BuildReport(str(index_dir), len(existing["metadata"]), 0, resumed, skipped,
+                           time.perf_counter() - t_start, extract_seconds, ray_info)
     # assembled in the metadata's order, whichever order the parts were written in (Ray, resumes)
     position = {k: i for i, (k, _) in enumerate(new_records)}
     parts.sort(key=lambda p: position.get(str(p["keys"][0]), -1))
@@ -368,14 +443,14 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         kp_list.append(existing["keypoints"])
         d_list.append(existing["descriptors"])
         s_list.append(existing["scores"])
+    dropped = 0
     for p in parts:
+        keep = np.array([str(k) in by_key for k in p["keys"]], bool)
+        if not keep.all():  # checkpointed, but no longer in the metadata (it was edited): left out
+            dropped += int((~keep).sum())
+            p = _select(p, keep)
         for key, size in zip(p["keys"], p["sizes"]):
-            rec = by_key.get(str(key))
-            if rec is None:
-                raise DelgGeoError(
-                    f"{index_dir}: a checkpoint holds {key}, which is not in this run's metadata; "
-                    "resume with the same images and metadata, or use --overwrite"
-                )
+            rec = by_key[str(key)]
             row = dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]))
             # the collection's extra columns are kept, but never over the index's own
             row.update({k: v for k, v in rec.extra.items() if k not in row and k != "id"})
@@ -385,6 +460,8 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         kp_list.append(p["keypoints"])
         d_list.append(p["descriptors"])
         s_list.append(p["scores"])
+    if dropped:
+        log(f"{dropped} checkpointed image(s) are no longer in the metadata; left out")
     md_new = pd.DataFrame(rows)
     md = pd.concat([md_old, md_new], ignore_index=True) if existing is not None else md_new
     if len(md) == 0:
@@ -414,6 +491,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     md.to_csv(staging / "metadata.csv", index=False)
+    _kill_point("staging")
     np.save(staging / "global_raw.npy", global_raw)
     faiss.write_index(fidx, str(staging / "global.faiss"))
     wh.save(staging / "whitening.npz")
@@ -422,7 +500,9 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
     np.save(staging / "local_descriptors.npy", np.concatenate(d_list).astype(np.float16))
     np.save(staging / "local_scores.npy", np.concatenate(s_list).astype(np.float16))
     old = read_manifest(index_dir) if existing is not None else None
-    all_skipped = (old.skipped if old else []) + skipped
+    old_skipped = old.skipped if old else []
+    seen = {(str(d.get("image")), str(d.get("reason"))) for d in old_skipped}
+    all_skipped = old_skipped + [d for d in skipped if (str(d["image"]), str(d["reason"])) not in seen]
     pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
     source = dict(
         images_dir=str(Path(images_dir).resolve()),
@@ -451,11 +531,24 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         skipped=all_skipped,
         sources=(old.sources if old else []) + [source],
         versions=library_versions(),
+        build_id=str(state.get("build_id", "")),
+        model_path=_model_path(extractor, old),
         created=old.created if old else state.get("started", now_iso()),
         updated=now_iso(),
     )
     write_atomic(staging / MANIFEST, manifest.to_json())
+    _kill_point("staged")
     _swap_staging(index_dir)
+
+
+def _model_path(extractor, old) -> str:
+    """The SavedModel folder of a ``--model PATH`` model (not for the default), kept on ``add``."""
+    from delg_geo.models import DEFAULT_MODEL
+
+    p = getattr(extractor, "path", None)
+    if p and extractor.model_id != DEFAULT_MODEL:
+        return str(Path(p).resolve())
+    return old.model_path if old is not None else ""
 
 
 def _swap_staging(index_dir: Path) -> None:
@@ -465,6 +558,9 @@ def _swap_staging(index_dir: Path) -> None:
     for p in sorted(staging.iterdir()):
         if p.name != MANIFEST:
             os.replace(p, index_dir / p.name)
+            _kill_point("swap")
     os.replace(staging / MANIFEST, index_dir / MANIFEST)
+    _kill_point("manifest")
     shutil.rmtree(staging, ignore_errors=True)
+    _kill_point("staging-removed")
     shutil.rmtree(index_dir / BUILDING, ignore_errors=True)

@@ -381,3 +381,133 @@ def test_add_refuses_a_damaged_index(tiny, tmp_path, small_extractor):
     with pytest.raises(IndexFormatError, match="local_descriptors.npy content does not match"):
         build(tiny["images"], index, tiny["csv"], small_extractor, add=True, resume=True)
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # nothing touched
+
+
+# -- 4. every interrupted state recovers: a harness that SIGKILLs real build processes -----------------
+
+BUILD_POINTS = ["start", "state", "part-tmp", "part", "failed", "extracted", "staging", "staged", "swap",
+                "manifest", "staging-removed"]
+ADD_POINTS = ["state", "part", "failed", "extracted", "staging", "staged", "swap", "manifest", "staging-removed"]
+
+_BUILD_SCRIPT = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from _fake_extractor import FakeExtractor
+from index_builder.build import BuildOptions, build_index
+build_index({images!r}, {index!r}, {csv!r}, extractor=FakeExtractor(), add={add}, resume={add},
+            options=BuildOptions(progress=False, part_size=2, batch_size=1), log=lambda m: None)
+"""
+
+
+def _fake_collection(root: Path, names: list[str], broken: str | None = None) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, name in enumerate(names):
+        rng = np.random.default_rng(abs(hash(name)) % 1000)
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / name)
+        rows.append(dict(image=name, lat=55.70 + 0.001 * k, lon=13.19 + 0.001 * k))
+    if broken:
+        (images / broken).write_bytes(b"\xff\xd8\xff\xe0 this JPEG ends here")
+        rows.append(dict(image=broken, lat=55.7, lon=13.19))
+    csv = root / f"ref-{len(rows)}.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return images, csv
+
+
+def _killed_build(point: str, images: Path, index: Path, csv: Path, add: bool = False) -> None:
+    import subprocess
+
+    code = _BUILD_SCRIPT.format(repo=str(REPO), tests=str(REPO / "tests"), images=str(images), index=str(index),
+                                csv=str(csv), add=add)
+    env = dict(os.environ, DELG_GEO_TEST_KILL_AT=point)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, (point, r.returncode, r.stderr[-2000:])  # it really was killed there
+
+
+def _whole_or_absent(index: Path, n_ok: set[int]) -> None:
+    """Never a half-written index that looks whole: a manifest means an index that opens."""
+    from delg_geo.index import GeoIndex
+
+    if (index / "manifest.json").exists():
+        assert len(GeoIndex(index, device="cpu")) in n_ok
+
+
+def _recovered(index: Path, n: int, rep) -> None:
+    from delg_geo.index import GeoIndex
+    from delg_geo.integrity import verify_index
+
+    assert rep.num_images == n
+    assert not (index / ".building").exists() and not (index / ".staging").exists()
+    idx = GeoIndex(index, device="cpu")
+    assert len(idx) == n and idx.metadata.path.is_unique
+    assert verify_index(index)["ok"]
+    listed = pd.read_csv(index / "skipped.csv")
+    assert not listed.duplicated(["image", "reason"]).any()
+    assert listed[listed.reason != "already in the index"].image.tolist() == ["broken.jpg"]
+
+
+@pytest.mark.parametrize("point", BUILD_POINTS)
+def test_killed_build_recovers(tmp_path, point):
+    from delg_geo.errors import DelgGeoError
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from _fake_extractor import FakeExtractor
+
+    images, csv = _fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
+    index = tmp_path / "index"
+    _killed_build(point, images, index, csv)
+    _whole_or_absent(index, {5})
+    building = index / ".building"
+    had_work = (building / "failed.jsonl").exists() or any((building / "parts").glob("part-*.npz"))
+    had_manifest = (index / "manifest.json").exists() or (index / ".staging" / "manifest.json").exists()
+    # a plain rerun either works (nothing worth resuming was left), or says what to do
+    try:
+        rep, _ = build(images, index, csv, FakeExtractor())
+        assert not had_work and not had_manifest, point
+    except DelgGeoError as e:
+        assert had_work or had_manifest, (point, str(e))
+        assert re.search("--resume|already holds an index", str(e)), str(e)
+        rep, logs = build(images, index, csv, FakeExtractor(), resume=True)  # the obvious command
+    _recovered(index, 5, rep)
+    # and the recovered index takes more images
+    images2, csv2 = _fake_collection(tmp_path / "more", ["m.png"])
+    rep2, _ = build(images2, index, csv2, FakeExtractor(), add=True, resume=True)
+    assert rep2.num_images == 6 and rep2.added == 1
+
+
+@pytest.mark.parametrize("point", ADD_POINTS)
+def test_killed_add_recovers(tmp_path, point):
+    sys.path.insert(0, str(REPO / "tests"))
+    from _fake_extractor import FakeExtractor
+
+    images, csv3 = _fake_collection(tmp_path, [f"{k}.png" for k in range(3)])
+    index = tmp_path / "index"
+    build(images, index, csv3, FakeExtractor())
+    _, csv6 = _fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
+    _killed_build(point, images, index, csv6, add=True)
+    _whole_or_absent(index, {3, 5})  # the old index, or the new one: never a mix
+    rep, _ = build(images, index, csv6, FakeExtractor(), add=True, resume=True)  # `index add` again
+    _recovered(index, 5, rep)
+
+
+def test_failed_build_on_bad_metadata_leaves_nothing(tmp_path, small_extractor):
+    from delg_geo.errors import MetadataError
+
+    images, csv = make_collection(tmp_path, 2)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,latitude_typo,lon\n01.jpg,55.7,13.2\n")
+    index = tmp_path / "index"
+    with pytest.raises(MetadataError, match="missing required column 'lat'"):
+        build(images, index, bad, small_extractor)
+    assert not (index / ".building").exists()
+    rep, _ = build(images, index, csv, small_extractor)  # the same command with the CSV fixed
+    assert rep.num_images == 2
+    # an old run's empty leftovers (state.json only) do not block a plain rerun either
+    shutil.rmtree(index)
+    (index / ".building").mkdir(parents=True)
+    (index / ".building" / "state.json").write_text("{}")
+    rep, _ = build(images, index, csv, small_extractor)
+    assert rep.num_images == 2 and not (index / ".building").exists()
