@@ -12,12 +12,16 @@ Methods (rows of the report):
 * ``centroid``   the collection's centroid: the floor
 
 Query features are extracted once (batched) and shared by the DELG-based methods; each
-method's ``seconds`` counts that shared extraction plus its own work.
+method's ``seconds`` counts that shared extraction plus its own work. The first stage (extract,
+search, verify: :func:`query_candidates`) runs over shards of queries, so memory stays bounded
+by a shard; with ``ray`` the shards run on Ray workers (:mod:`delg_geo.ray_bench`) and every
+later stage is the same code.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +59,118 @@ class BenchResult:
     skipped: list = field(default_factory=list)
 
 
+@dataclass
+class QueryCandidates:
+    """Stage 1 for a run of queries: global descriptors, candidates and inlier counts.
+
+    Per usable query (in query-file order): its position in the query list, global descriptor,
+    candidate ids and similarities (best first, ``-1``/NaN padding past what the index holds),
+    inlier counts for the first ``verify_k`` candidates (no columns when nothing was verified),
+    and its seconds of extraction, search and verification. ``failed`` lists the queries whose
+    image could not be used: ``(position, reason)``.
+    """
+
+    positions: np.ndarray  # (n,) int64
+    global_desc: np.ndarray  # (n, G) float32
+    ids: np.ndarray  # (n, K) int64
+    sims: np.ndarray  # (n, K) float32
+    inliers: np.ndarray  # (n, verify_k) int64
+    extract_s: np.ndarray  # (n,)
+    search_s: np.ndarray  # (n,)
+    verify_s: np.ndarray  # (n,)
+    failed: list = field(default_factory=list)
+
+    FIELDS = ("positions", "global_desc", "ids", "sims", "inliers", "extract_s", "search_s", "verify_s")
+
+    def save(self, path: Path) -> None:
+        """Plain arrays in one ``.npz``, written to a temporary name and renamed into place."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, **{k: getattr(self, k) for k in self.FIELDS},
+                 failed_pos=np.array([f[0] for f in self.failed], np.int64),
+                 failed_reason=np.array([f[1] for f in self.failed], dtype=str))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> "QueryCandidates":
+        with np.load(path, allow_pickle=False) as z:
+            failed = [(int(p), str(r)) for p, r in zip(z["failed_pos"], z["failed_reason"])]
+            return cls(**{k: z[k] for k in cls.FIELDS}, failed=failed)
+
+    @classmethod
+    def concat(cls, parts: list["QueryCandidates"]) -> "QueryCandidates":
+        """One record of several, ordered by query position."""
+        parts = [p for p in parts if len(p.positions) or p.failed]
+        if not parts:
+            raise DelgGeoError("no query image could be read")
+        width = max(p.ids.shape[1] for p in parts)
+
+        def pad(a, fill):
+            return np.concatenate([a, np.full((len(a), width - a.shape[1]), fill, a.dtype)], axis=1)
+
+        pos = np.concatenate([p.positions for p in parts])
+        order = np.argsort(pos, kind="stable")
+        out = cls(
+            positions=pos[order],
+            global_desc=np.concatenate([p.global_desc for p in parts])[order],
+            ids=np.concatenate([pad(p.ids, -1) for p in parts])[order],
+            sims=np.concatenate([pad(p.sims, np.nan) for p in parts])[order],
+            inliers=np.concatenate([p.inliers for p in parts])[order],
+            extract_s=np.concatenate([p.extract_s for p in parts])[order],
+            search_s=np.concatenate([p.search_s for p in parts])[order],
+            verify_s=np.concatenate([p.verify_s for p in parts])[order],
+            failed=sorted(f for p in parts for f in p.failed),
+        )
+        return out
+
+    def candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        keep = self.ids[i] >= 0
+        return self.ids[i][keep], self.sims[i][keep]
+
+
+def query_candidates(geo, paths: list[str], positions: list[int], search_k: int, verify_k: int,
+                     threads: int | None = None, bar=None) -> QueryCandidates:
+    """Stage 1 for one shard of queries: extract (batched), search, verify the top ``verify_k``."""
+    from .extract import iter_extract
+    from .search import search
+
+    t0 = time.perf_counter()
+    feats, pos, failed = [], [], []
+    for res in iter_extract(paths, geo.extractor, net_workers=threads):
+        if res.ok:
+            feats.append(res.features)
+            pos.append(positions[res.index])
+        else:
+            failed.append((positions[res.index], res.error))
+            if bar is not None:
+                bar.update(1)
+    n = len(feats)
+    extract_s = (time.perf_counter() - t0) / max(n, 1)
+    dim = int(geo.index.manifest.global_dim)
+    G = np.stack([f.global_descriptor for f in feats]).astype(np.float32) if n else np.zeros((0, dim), np.float32)
+    k = max(1, min(int(search_k), len(geo.index)))
+    ids = np.full((n, k), -1, np.int64)
+    sims = np.full((n, k), np.nan, np.float32)
+    t0 = time.perf_counter()
+    for i, c in enumerate(search(geo.index, G, k) if n else []):
+        ids[i, : len(c.ids)], sims[i, : len(c.ids)] = c.ids, c.similarities
+    search_s = (time.perf_counter() - t0) / max(n, 1)
+    inl = np.zeros((n, verify_k), np.int64)
+    verify_s = np.zeros(n)
+    for i, f in enumerate(feats):
+        t = time.perf_counter()
+        if verify_k:
+            c = ids[i, :verify_k]
+            c = c[c >= 0]
+            inl[i, : len(c)] = geo.verify_candidates(f, c)
+        verify_s[i] = time.perf_counter() - t
+        feats[i] = None  # local features are needed no longer
+        if bar is not None:
+            bar.update(1)
+    return QueryCandidates(np.array(pos, np.int64), G, ids, sims, inl, np.full(n, extract_s), np.full(n, search_s),
+                           verify_s, failed)
+
+
 def save_candidates(path: Path, rows: list[tuple], top_k: int) -> None:
     """Every verified query's candidates as plain arrays (no pickle), for diagnosis.
 
@@ -80,11 +196,13 @@ def run_bench(
     fmt: str = "auto",
     yfcc_metadata: str | Path | None = None,
     log=print,
+    ray=None,
+    shard_size: int = 64,
 ) -> BenchResult:
-    from .extract import iter_extract
+    """Benchmark every method in ``config`` on a query set; with ``ray`` (a
+    :class:`delg_geo.ray_pool.RayOptions`), stage 1 runs on Ray workers."""
     from .locate import Geolocator, LocateConfig
     from .queries import read_queries
-    from .search import search
 
     cfg = config or BenchConfig()
     unknown = set(cfg.methods) - set(ALL_METHODS)
@@ -105,30 +223,33 @@ def run_bench(
     rows: list[dict] = []
     failed: list[dict] = []
 
-    # 1. query features, batched
-    t0 = time.perf_counter()
-    feats, ok_items = [], []
-    for res in iter_extract([str(it.path) for it in items], geo.extractor, progress="extract" if cfg.progress else False):
-        if res.ok:
-            feats.append(res.features)
-            ok_items.append(items[res.index])
-        else:
-            failed.append(dict(img_id=items[res.index].img_id, reason=res.error))
-            log(f"query failed: {res.error}")
-    extract_s = time.perf_counter() - t0
+    # 1. query features, candidates and (for "verified") inlier counts, shard by shard
+    search_k = max(cfg.top_k, cfg.sift_top_k)
+    verify_k = cfg.top_k if "verified" in methods else 0
+    if ray is not None:
+        from .ray_bench import query_candidates_on_ray
+
+        qc = query_candidates_on_ray(index_dir, items, out_dir, search_k, verify_k, ray, shard_size, cfg.progress, log)
+    else:
+        bar = _bar(len(items), "query", cfg.progress)
+        qc = QueryCandidates.concat([
+            query_candidates(geo, [str(it.path) for it in items[s : s + shard_size]], list(range(s, s + shard_size)),
+                             search_k, verify_k, bar=bar)
+            for s in range(0, len(items), shard_size)
+        ])
+        bar.close()
+    for p, reason in qc.failed:
+        failed.append(dict(img_id=items[p].img_id, reason=reason))
+        log(f"query failed: {reason}")
+    ok_items = [items[p] for p in qc.positions]
     n = len(ok_items)
     if n == 0:
         raise DelgGeoError("no query image could be read")
     gt_lat = np.array([it.lat for it in ok_items])
     gt_lon = np.array([it.lon for it in ok_items])
-    per_query_extract = extract_s / n
-
-    # 2. global search for everyone
-    t0 = time.perf_counter()
-    G = np.stack([f.global_descriptor for f in feats])
-    cands = search(index, G, max(cfg.top_k, cfg.sift_top_k))
-    search_s = time.perf_counter() - t0
-    delg_shared = per_query_extract + search_s / n
+    G = qc.global_desc
+    search_s = float(qc.search_s.sum())
+    delg_shared_q = qc.extract_s + qc.search_s
 
     preds: dict[str, list[tuple[float, float, int, float, float]]] = {m: [] for m in methods}
 
@@ -138,10 +259,9 @@ def run_bench(
     cand_rows: list[tuple] = []  # (img_id, candidate ids, similarities, inliers) for candidates.npz
     if "global" in methods or "verified" in methods or "knn" in methods:
         sigma = cfg.knn_sigma_km or geo.knn_sigma_km
-        bar = _bar(n, "verify" if "verified" in methods else "search", cfg.progress)
         for qi in range(n):
-            c = cands[qi]
-            ids, sims = c.ids[: cfg.top_k], c.similarities[: cfg.top_k]
+            ids, sims = (a[: cfg.top_k] for a in qc.candidates(qi))
+            delg_shared = delg_shared_q[qi]
             if "global" in methods:
                 add("global", ref_lats[ids[0]], ref_lons[ids[0]], 0, float(max(sims[0], 0)) * 0.5, delg_shared)
             if "knn" in methods:
@@ -152,12 +272,11 @@ def run_bench(
                 add("knn", lat, lon, 0, score, delg_shared + time.perf_counter() - t)
             if "verified" in methods:
                 t = time.perf_counter()
-                inl = geo.verify_candidates(feats[qi], ids)
+                inl = qc.inliers[qi, : len(ids)]
                 cand_rows.append((ok_items[qi].img_id, ids, sims, inl))
                 p = geo.decide(ok_items[qi].img_id, ids, sims, inl)
-                add("verified", p.lat, p.lon, p.inliers, p.confidence, delg_shared + time.perf_counter() - t)
-            bar.update(1)
-        bar.close()
+                add("verified", p.lat, p.lon, p.inliers, p.confidence,
+                    delg_shared + qc.verify_s[qi] + time.perf_counter() - t)
 
     if "classifier" in methods or "hybrid" in methods:
         clf = _classifier(index, log)
@@ -168,17 +287,17 @@ def run_bench(
         dt = (time.perf_counter() - t) / n
         if "classifier" in methods:
             for qi in range(n):
-                add("classifier", clat[qi], clon[qi], 0, cconf[qi], delg_shared + dt)
+                add("classifier", clat[qi], clon[qi], 0, cconf[qi], delg_shared_q[qi] + dt)
         if "hybrid" in methods:
             ref_cells = clf.partition.assign(ref_lats, ref_lons)
             for qi in range(n):
                 cells, _probs = top_cells[qi]
-                ids = cands[qi].ids
+                ids = qc.candidates(qi)[0]
                 inside = ids[np.isin(ref_cells[ids], cells)]
                 if len(inside):
-                    add("hybrid", ref_lats[inside[0]], ref_lons[inside[0]], 0, float(cconf[qi]), delg_shared + dt)
+                    add("hybrid", ref_lats[inside[0]], ref_lons[inside[0]], 0, float(cconf[qi]), delg_shared_q[qi] + dt)
                 else:
-                    add("hybrid", clat[qi], clon[qi], 0, float(cconf[qi]), delg_shared + dt)
+                    add("hybrid", clat[qi], clon[qi], 0, float(cconf[qi]), delg_shared_q[qi] + dt)
 
     if "sift" in methods:
         from .sift_baseline import SiftIndex, extract_sift
@@ -193,7 +312,7 @@ def run_bench(
             t = time.perf_counter()
             try:
                 qf = extract_sift(str(ok_items[qi].path))
-                ids = cands[qi].ids[: cfg.sift_top_k]
+                ids = qc.candidates(qi)[0][: cfg.sift_top_k]
                 inl = sidx.match(qf, list(map(int, ids)))
                 best = int(np.argmax(inl)) if inl.max(initial=0) >= 15 else 0
                 j = int(ids[best])
@@ -281,6 +400,10 @@ def run_bench(
                   error_km=r.great_circle_distance) for r in sub.itertuples()],
             out_dir / "bench_map.html", title=f"delg-geo bench: {main}",
         )
+    if ray is not None:  # the report is written: the query shards have served
+        from .ray_bench import remove_shards
+
+        remove_shards(out_dir)
     return BenchResult(out_dir, summaries, df, failed, skipped)
 
 

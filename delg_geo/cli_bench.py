@@ -25,11 +25,14 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("auto", "--format", help="auto, csv, placing or im2gps."),
         yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata for a Placing 2016 list."),
         map_out: bool = typer.Option(False, "--map", help="Also write bench_map.html: truth vs prediction per query."),
+        use_ray: bool = typer.Option(False, "--ray", help="Extract, search and verify on Ray workers (resumable shards)."),
+        ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster; implies --ray."),
+        workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
         json_out: bool = typer.Option(False, "--json", help="Print summary.json."),
     ):
         """Benchmark every method on a query set and write the report."""
         from .bench import ALL_METHODS, BenchConfig, run_bench
-        from .cli import _index_or_env, _throughput
+        from .cli import _index_or_env, _ray_options, _throughput
         from .evaluate import DEFAULT_RADII_KM
 
         _throughput()
@@ -37,7 +40,7 @@ def register(app: typer.Typer) -> None:
         cfg = BenchConfig(methods=ms, radii_km=tuple(radii_km) if radii_km else DEFAULT_RADII_KM, top_k=top_k,
                           sift_top_k=top_k, map=map_out, progress=not json_out)
         res = run_bench(_index_or_env(index), queries, images, out, cfg, fmt=fmt, yfcc_metadata=yfcc,
-                        log=lambda m: typer.echo(m, err=True))
+                        log=lambda m: typer.echo(m, err=True), ray=_ray_options(use_ray, ray_address, workers))
         if json_out:
             typer.echo((res.out_dir / "summary.json").read_text())
         else:

@@ -1,4 +1,4 @@
-"""``index build --ray`` on a real local Ray cluster (2 CPUs, no mocks) against the single-process build.
+"""``index build --ray`` and ``bench --ray`` on a real local Ray cluster (2 CPUs, no mocks), against one process.
 
 The Ray build must give the same index: same ids, images and coordinates, descriptors equal to
 float tolerance, the same skipped list. A Ray build killed mid-way (SIGKILL of its driver)
@@ -135,6 +135,12 @@ def test_ray_build_equals_single_process_build(collection, ray_cluster, extracto
     assert not (out / ".building").exists()
 
 
+def _real_photos_only(request) -> None:
+    """The slower tests run once: on the Venice photos where present, else on the generated ones."""
+    if request.node.callspec.params["collection"] == "generated" and (SHARED_DATA / "venice").exists():
+        pytest.skip("run on the real Venice photos where they are present (the generated ones are the fallback)")
+
+
 _KILLED_BUILD = textwrap.dedent("""
     import sys
     from index_builder.build import BuildOptions, build_index
@@ -151,8 +157,7 @@ def test_killed_ray_build_resumes_shard_by_shard(collection, ray_cluster, extrac
     from index_builder.build import BuildOptions, build_index
     from index_builder.ray_build import RayOptions
 
-    if request.node.callspec.params["collection"] == "generated" and (SHARED_DATA / "venice").exists():
-        pytest.skip("run on the real Venice photos where they are present (the generated ones are the fallback)")
+    _real_photos_only(request)
 
     out = tmp_path / "killed"
     parts = out / ".building" / "parts"
@@ -189,7 +194,7 @@ def test_killed_ray_build_resumes_shard_by_shard(collection, ray_cluster, extrac
 
 def _expected_runs(collection, done, n_failed):
     """Shards the resumed build must have made: the images not in a finished part, in runs of 2."""
-    from index_builder.ray_build import shard_runs
+    from delg_geo.ray_pool import shard_runs
 
     md = pd.read_csv(collection["csv"])
     keys = [str((collection["root"] / p).resolve()) for p in md.image]
@@ -200,7 +205,7 @@ def _expected_runs(collection, done, n_failed):
 
 
 def test_shard_runs_never_span_a_finished_image():
-    from index_builder.ray_build import shard_runs
+    from delg_geo.ray_pool import shard_runs
 
     keys = list("abcdefghij")
     assert shard_runs(keys, set(keys), set(), 4) == [list("abcd"), list("efgh"), list("ij")]
@@ -210,7 +215,7 @@ def test_shard_runs_never_span_a_finished_image():
 
 
 def test_worker_plan_from_cluster_resources():
-    from index_builder.ray_build import RayOptions, plan_workers
+    from delg_geo.ray_pool import RayOptions, plan_workers
 
     p = plan_workers(RayOptions(), {"CPU": 2.0})
     assert (p.workers, p.cpus_per_worker, p.gpus_per_worker, p.threads) == (2, 1.0, 0.0, 1)
@@ -222,3 +227,88 @@ def test_worker_plan_from_cluster_resources():
     assert (p.workers, p.gpus_per_worker) == (8, 0.5)
     p = plan_workers(RayOptions(workers=4), {"CPU": 2.0})
     assert p.cpus_per_worker == 0.5 and p.threads == 1
+
+
+# -- bench --ray ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def query_set(collection, tmp_path_factory):
+    """Queries for the collection's index: real Venice queries, or the generated images themselves."""
+    root = tmp_path_factory.mktemp("ray_queries")
+    (root / "images").mkdir()
+    if (collection["root"] / "images" / "g00.jpg").exists():
+        q = pd.read_csv(collection["csv"]).query("image != @BAD_PATH", local_dict={"BAD_PATH": f"images/{BAD}"}).head(6)
+        for p in q.image:
+            shutil.copy(collection["root"] / p, root / p)
+    else:
+        venice = shared_path("venice")
+        q = pd.read_csv(venice / "queries.csv").iloc[::30].head(7)[["image", "lat", "lon"]]
+        for p in q.image:
+            shutil.copy(venice / p, root / p)
+    (root / "images" / BAD).write_text("not a photo")
+    q = pd.concat([q.iloc[:3], pd.DataFrame([dict(image=f"images/{BAD}", lat=45.43, lon=12.33)]), q.iloc[3:]],
+                  ignore_index=True)
+    q.to_csv(root / "queries.csv", index=False)
+    return root
+
+
+def test_ray_bench_equals_single_process_bench(collection, query_set, ray_cluster, tmp_path, request):
+    from delg_geo.bench import BenchConfig, run_bench
+    from delg_geo.ray_pool import RayOptions
+
+    _real_photos_only(request)
+
+    cfg = BenchConfig(methods=("verified", "global", "knn", "oracle"), top_k=10, sift_top_k=10, progress=False)
+    out = {}
+    for name, ray_opts in (("single", None), ("ray", RayOptions(workers=2))):
+        out[name] = tmp_path / name
+        run_bench(collection["single"], query_set / "queries.csv", query_set, out[name], cfg, log=lambda m: None,
+                  ray=ray_opts, shard_size=3)
+    assert not (out["ray"] / ".queries").exists()  # the shards have served
+    s = {k: json.loads((v / "summary.json").read_text()) for k, v in out.items()}
+    assert s["ray"]["n_queries"] == s["single"]["n_queries"] == len(pd.read_csv(query_set / "queries.csv")) - 1
+    assert s["ray"]["failed"] == s["single"]["failed"] and BAD in s["ray"]["failed"][0]["img_id"]
+    p = {k: pd.read_csv(v / "predictions.csv") for k, v in out.items()}
+    for m in ("global", "knn", "oracle"):  # no randomness: the same answers
+        a, b = (p[k][p[k].method == m].reset_index(drop=True) for k in ("single", "ray"))
+        assert list(a.img_id) == list(b.img_id)
+        np.testing.assert_allclose(a[["predicted_lat", "predicted_long"]], b[["predicted_lat", "predicted_long"]], atol=1e-9)
+    with np.load(out["single"] / "candidates.npz") as a, np.load(out["ray"] / "candidates.npz") as b:
+        np.testing.assert_array_equal(a["img_id"], b["img_id"])
+        np.testing.assert_array_equal(a["ids"], b["ids"])
+        np.testing.assert_allclose(a["similarities"], b["similarities"], atol=1e-5)
+        # pydegensac seeds RANSAC from the clock: the same pairs, inlier counts within RANSAC's noise
+        ia, ib = a["inliers"].astype(float), b["inliers"].astype(float)
+        # (two runs in one process differ by 0.8-1.0 inliers per pair on average, measured on 7 Venice queries)
+        assert ia.max() >= 10 and np.abs(ia - ib).mean() <= 2.5, (ia.max(axis=1), ib.max(axis=1))
+        np.testing.assert_allclose(ia.max(axis=1), ib.max(axis=1), rtol=0.25, atol=4)
+
+
+def test_killed_ray_bench_resumes_its_shards(collection, query_set, ray_cluster, tmp_path, request):
+    from delg_geo.queries import read_queries
+    from delg_geo.ray_bench import SHARDS, query_candidates_on_ray
+    from delg_geo.ray_pool import RayOptions
+
+    _real_photos_only(request)
+
+    items, _ = read_queries(query_set / "queries.csv", query_set)
+    first = query_candidates_on_ray(collection["single"], items, tmp_path, 10, 10, RayOptions(workers=2), 2,
+                                    progress=False, log=lambda m: None)
+    parts = sorted((tmp_path / SHARDS).glob("part-*.npz"))
+    assert len(parts) == -(-len(items) // 2)
+    # as if killed before the last two shards were written
+    for p in parts[-2:]:
+        p.unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in parts[:-2]}
+    logs = []
+    again = query_candidates_on_ray(collection["single"], items, tmp_path, 10, 10, RayOptions(workers=1), 2,
+                                    progress=False, log=logs.append)
+    redone = sum(2 for _ in parts[-2:]) - (len(items) % 2)
+    assert any(f"resuming: {len(items) - redone} queries already done" in m for m in logs), logs
+    assert {p.name: p.stat().st_mtime_ns for p in parts[:-2]} == kept  # finished shards untouched
+    np.testing.assert_array_equal(again.positions, first.positions)
+    assert again.failed == first.failed and len(first.failed) == 1
+    np.testing.assert_array_equal(again.ids, first.ids)
+    np.testing.assert_allclose(again.global_desc, first.global_desc, atol=1e-5)
+    n_kept = len(items) - redone - 1  # the broken query is among the kept shards' failures
+    np.testing.assert_array_equal(again.inliers[:n_kept], first.inliers[:n_kept])  # read back, not recomputed
