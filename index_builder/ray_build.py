@@ -88,7 +88,7 @@ class ExtractWorker:
             else:
                 failures.append((key, res.error))
         if rows:
-            _write_part(Path(index_dir), number, rows)
+            _write_part(Path(index_dir), number, rows, self.extractor)
         return dict(number=number, written=len(rows), failures=failures, seconds=time.perf_counter() - t0,
                     host=socket.gethostname())
 
