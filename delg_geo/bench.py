@@ -435,7 +435,7 @@ def train_index_classifier(index_dir, t1: int | None = None, t2: int | None = No
     part = build_partition(lats, lons, t1, t2)
     if len(part.cells) < 2:
         raise DelgGeoError(f"t1={t1}, t2={t2} leave {len(part.cells)} cell(s); lower t1/t2")
-    x = index.whitening.apply(np.load(index.path / "global_raw.npy"))
+    x = index.search_vectors()
     clf = train_classifier(x, lats, lons, part, epochs=epochs, label_smoothing_km=label_smoothing_km, seed=seed)
     clf.info["index_updated"] = index.manifest.updated
     clf.info["defaults"] = {"t1": dt1, "t2": dt2}

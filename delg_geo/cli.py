@@ -119,7 +119,8 @@ def extract(
         raise typer.Exit(1)
 
 
-def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None):
+def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None, keep_raw=False):
+    from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
     if yfcc is not None:  # a Placing 2016 list plus the YFCC100M metadata holding its coordinates
@@ -132,7 +133,8 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
     rep = build_index(
         images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,
         overwrite=overwrite, allow_outside=allow_outside,
-        options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out), ray=ray, log=log,
+        options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out,
+                             compact=CompactOptions(keep_raw=keep_raw)), ray=ray, log=log,
     )
     d = rep.to_dict()
     if json_out:
@@ -168,11 +170,12 @@ def index_build(
     use_ray: bool = typer.Option(False, "--ray", help="Extract on Ray workers (a local cluster unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
+    keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the model's float32 global descriptors (5 KB an image)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Index a geotagged image collection."""
+    """Index a geotagged image collection (compact: about 27 KB an image)."""
     ray = _ray_options(use_ray, ray_address, workers)
-    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc, ray=ray)
+    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw)
 
 
 def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
@@ -197,7 +200,7 @@ def index_add(
     batch_size: int = typer.Option(4, "--batch-size", min=1),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Add images to an existing index (the whitening and FAISS index are refitted)."""
+    """Add images to an existing index (its whitening and local codec encode them; the global index is rebuilt)."""
     from .index import read_manifest
 
     index = _index_or_env(index)
@@ -208,7 +211,29 @@ def index_add(
             model = json.loads((index / ".building" / "state.json").read_text()).get("model_id")
         except (OSError, ValueError, AttributeError):
             model = None
-    _build(images_dir, metadata, index, model, from_exif, fmt, True, False, allow_outside, m.index_type if m else "auto", batch_size, json_out, add=True)
+    index_type = (m.search.get("requested", "auto") if m.format_version >= 2 else "auto") if m else "auto"
+    keep_raw = bool(m and m.format_version >= 2 and "global_raw.npy" in m.files)
+    _build(images_dir, metadata, index, model, from_exif, fmt, True, False, allow_outside, index_type, batch_size, json_out,
+           add=True, keep_raw=keep_raw)
+
+
+@index_app.command("compact")
+def index_compact(
+    index: Optional[Path] = _IDX,
+    out: Path = typer.Option(..., "--out", help="New folder for the compact index."),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """Convert a format-1 index (delg-geo before the compact store) to the compact format, without re-extracting."""
+    from index_builder.assemble import compact_index
+
+    m = compact_index(_index_or_env(index), out, log=lambda s: typer.echo(s, err=True))
+    size = sum(m.files.values())
+    d = dict(index=str(out), num_images=m.num_images, bytes=size, bytes_per_image=round(size / m.num_images),
+             search=m.search, local=m.local)
+    if json_out:
+        _emit_json(d)
+    else:
+        typer.echo(f"compact index {out}: {m.num_images} images, {size / m.num_images / 1024:.1f} KB an image")
 
 
 @index_app.command("info")

@@ -124,7 +124,7 @@ def verify_against(geolocator, feats, neighbour_id: int):
     vc = geolocator.config.verify_config
     index = geolocator.index
     q_kp = feats.keypoints[: vc.max_features]
-    q_desc = feats.local_descriptors[: vc.max_features]
+    q_desc = index.query_local(feats.local_descriptors[: vc.max_features])
     kp, desc = index.local_features(int(neighbour_id))
     v = verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, index.image_size(int(neighbour_id)))
     return q_kp, kp, v

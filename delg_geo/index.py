@@ -1,19 +1,26 @@
 """Stage 2 — index: the on-disk layout of a delg-geo index, and the FAISS global index.
 
-An index folder holds plain files a user can read::
+An index folder (format 2, the compact format) holds plain files a user can read::
 
     manifest.json           written last, atomically: the index is whole only when it exists
-    metadata.csv            id, image, path, lat, lon, then the collection's extra columns
-    global_raw.npy          (N, G) float32 descriptors as the model gave them
-    global.faiss            FAISS index over the whitened descriptors
-    whitening.npz           PCA whitening fitted on this collection (identity for official DELG)
+    metadata.csv            id, image, path, lat, lon, width, height, then the collection's extra columns
+    whitening.npz           PCA whitening to at most 256-D, fitted on (a sample of) this collection
+    global.npy              (N, d) float16: whitened, L2-normalised global descriptors
+    global.faiss            only for ivfpq: IVF-PQ over global.npy, trained on a sample; its
+                            top candidates are re-scored exactly from global.npy
     local_offsets.npy       (N + 1,) int64: image i owns rows offsets[i]:offsets[i+1]
-    local_keypoints.npy     (M, 2) float32, x/y pixels in the original image
-    local_descriptors.npy   (M, D) float16, L2-normalised
-    local_scores.npy        (M,) float16 attention
+    local_keypoints.npy     (M, 2) uint16 pixels (see delg_geo.store)
+    local_codes.npy         (M, C) local descriptor codes (see delg_geo.store)
+    local_codec.npz         how to decode them
     skipped.csv             row, image, reason for everything that was not indexed
+    global_raw.npy          only with --keep-raw: (N, G) float32 as the model gave them
 
-The local arrays are memory-mapped, so a query reads only its candidates' rows.
+An exact (flat) index is built in memory from ``global.npy`` when the index is opened. The
+local arrays and ``global.npy`` are memory-mapped, so a query reads only its candidates' rows.
+
+Format 1 (delg-geo before the compact store: ``global_raw.npy``, ``global.faiss`` for every
+index type, float32 keypoints, float16 ``local_descriptors.npy`` and ``local_scores.npy``) is
+still read; ``delg-geo index compact`` converts it.
 """
 
 from __future__ import annotations
@@ -31,20 +38,11 @@ from .errors import IndexFormatError
 from .integrity import check_metadata, damaged_message, faiss_problem, file_problem, local_features_problem, reference_norm
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-DATA_FILES = (
-    "metadata.csv",
-    "global_raw.npy",
-    "global.faiss",
-    "whitening.npz",
-    "local_offsets.npy",
-    "local_keypoints.npy",
-    "local_descriptors.npy",
-    "local_scores.npy",
-)
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 
-#: Above this many images, ``index_type="auto"`` switches from exact search to a compressed index.
-DEFAULT_EXACT_LIMIT = 200_000
+#: Above this many images, ``index_type="auto"`` switches from exact search to IVF-PQ.
+DEFAULT_EXACT_LIMIT = 100_000
 
 
 @dataclass
@@ -68,7 +66,9 @@ class Manifest:
     updated: str = ""
     build_id: str = ""  # the run that wrote this manifest (its checkpoints carry the same id)
     model_path: str = ""  # --model PATH: the SavedModel folder the index was built with
-    format_version: int = FORMAT_VERSION
+    format_version: int = 1  # a manifest without the field is format 1
+    search: dict = field(default_factory=dict)  # the global index: type and parameters
+    local: dict = field(default_factory=dict)  # the local store: codec, features per image
 
     @property
     def num_skipped(self) -> int:
@@ -142,10 +142,11 @@ def read_manifest(index_dir: str | Path) -> Manifest:
         m = Manifest.from_dict(json.loads(mpath.read_text()))
     except (ValueError, TypeError) as e:
         raise IndexFormatError(f"{mpath}: corrupt manifest ({e})") from None
-    if m.format_version > FORMAT_VERSION:
+    if m.format_version not in READABLE_FORMATS:
         raise IndexFormatError(
-            f"{index_dir}: index format {m.format_version} is newer than this delg-geo understands "
-            f"({FORMAT_VERSION}); upgrade delg-geo"
+            f"{index_dir}: index format {m.format_version} is not one this delg-geo reads "
+            f"({', '.join(map(str, READABLE_FORMATS))}); "
+            + ("upgrade delg-geo" if m.format_version > FORMAT_VERSION else "rebuild the index")
         )
     for name, size in m.files.items():
         p = index_dir / name
@@ -169,28 +170,49 @@ def choose_index_type(n: int, requested: str = "auto", exact_limit: int = DEFAUL
     return "flat" if n <= exact_limit else "ivfpq"
 
 
-def build_faiss(vectors: np.ndarray, index_type: str):
-    """A CPU FAISS inner-product index over L2-normalised ``vectors``."""
+def faiss_params(n: int, d: int, index_type: str) -> dict:
+    """The compressed index's parameters for ``n`` vectors of dimension ``d`` (recorded in the manifest)."""
+    if index_type == "flat":
+        return dict(type="flat")
+    pq_m = next(mm for mm in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d % mm == 0 and mm <= max(1, d // 4))
+    if index_type == "hnsw":
+        return dict(type="hnsw", scalar="8bit", M=32, ef_construction=80, ef_search=128, refine=4)
+    nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
+    return dict(type="ivfpq", nlist=nlist, pq_m=pq_m, pq_bits=8, nprobe=min(nlist, 64), refine=4,
+                train_size=int(min(n, max(50 * nlist, 20_000))))
+
+
+def build_faiss(vectors: np.ndarray, index_type: str, params: dict | None = None, train: np.ndarray | None = None):
+    """A CPU FAISS inner-product index over L2-normalised ``vectors``, trained on ``train`` (default: them)."""
     import faiss
 
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    n, d = x.shape
-    if index_type == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif index_type == "hnsw":
-        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-        index.hnsw.efSearch = 128
-    elif index_type == "ivfpq":
-        nlist = int(max(1, min(4 * np.sqrt(n), n // 39)))
-        m = next(mm for mm in (64, 48, 32, 24, 16, 12, 8, 4, 2, 1) if d % mm == 0 and mm <= d)
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.nprobe = min(nlist, 32)
-    else:
-        raise ValueError(index_type)
+    d = x.shape[1]
+    index = new_faiss(d, params or faiss_params(len(x), d, index_type), train if train is not None else x)
     index.add(x)
+    return index
+
+
+def new_faiss(d: int, params: dict, train: np.ndarray | None = None):
+    """An empty (trained) FAISS index for ``params`` (see ``faiss_params``)."""
+    import faiss
+
+    kind = params["type"]
+    if kind == "flat":
+        return faiss.IndexFlatIP(d)
+    if kind == "hnsw":
+        # HNSW over 8-bit scalar codes: over PQ codes its graph search lost a third of the true neighbours
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, params["M"], faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = params["ef_construction"]
+        index.hnsw.efSearch = params["ef_search"]
+    elif kind == "ivfpq":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFPQ(quantizer, d, params["nlist"], params["pq_m"], params["pq_bits"],
+                                 faiss.METRIC_INNER_PRODUCT)
+        index.nprobe = params["nprobe"]
+    else:
+        raise ValueError(kind)
+    index.train(np.ascontiguousarray(train, np.float32))
     return index
 
 
@@ -210,10 +232,25 @@ def to_device(index):
         return index, "cpu"
 
 
+def search_refined(index, vectors: np.ndarray, q: np.ndarray, k: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` by exact inner product with ``vectors`` (e.g. a float16 memory map) among the
+    compressed ``index``'s top ``k * refine``: (sims, ids), each (nq, k), -1 where fewer exist."""
+    q = np.ascontiguousarray(q, np.float32)
+    _, cand = index.search(q, min(len(vectors), k * refine))
+    sims = np.full((len(q), k), -np.inf, np.float32)
+    ids = np.full((len(q), k), -1, np.int64)
+    for r, row in enumerate(cand):
+        row = np.unique(row[row >= 0])  # sorted: the memory map is read in order
+        s = np.asarray(vectors[row], np.float32) @ q[r]
+        top = np.argsort(-s, kind="stable")[:k]
+        sims[r, : len(top)], ids[r, : len(top)] = s[top], row[top]
+    return sims, ids
+
+
 # -- reading ---------------------------------------------------------------------------------
 
 class GeoIndex:
-    """A complete index, opened for querying. Local features are memory-mapped.
+    """A complete index, opened for querying. Local features and global vectors are memory-mapped.
 
     Opening checks what is cheap (``check_files``): the checksum of ``metadata.csv`` and of every
     file up to 64 MB, the metadata's value ranges, and a sample of the FAISS vectors; a damaged
@@ -225,57 +262,89 @@ class GeoIndex:
         import faiss
         import pandas as pd
 
+        from .store import LegacyLocalStore, LocalStore
         from .whitening import Whitening
 
         self.path = Path(index_dir)
-        self.manifest = read_manifest(self.path)
+        self.manifest = m = read_manifest(self.path)
         if check_files:
-            for name, size in self.manifest.files.items():
-                why = file_problem(self.path, name, size, self.manifest.checksums.get(name), full=False)
+            for name, size in m.files.items():
+                why = file_problem(self.path, name, size, m.checksums.get(name), full=False)
                 if why:
                     raise IndexFormatError(damaged_message(self.path, name, why))
-        try:
-            cpu_index = faiss.read_index(str(self.path / "global.faiss"))
-        except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with a C++ trace
-            msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-            raise IndexFormatError(damaged_message(self.path, "global.faiss", f"cannot be read ({msg})")) from None
+        self.refine = 0
+        self.global_vectors = None  # (N, d) float16 memory map (format 2)
+        cpu_index = None
+        if m.format_version == 1 or m.index_type != "flat":
+            try:
+                cpu_index = faiss.read_index(str(self.path / "global.faiss"))
+            except Exception as e:  # noqa: BLE001 - FAISS raises RuntimeError with a C++ trace
+                msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                raise IndexFormatError(damaged_message(self.path, "global.faiss", f"cannot be read ({msg})")) from None
         try:
             self.metadata = pd.read_csv(self.path / "metadata.csv", keep_default_na=False, na_values=[""])
+            check_metadata(self.metadata, self.path / "metadata.csv")
+            self.sizes = self.metadata[["width", "height"]].to_numpy(np.int64)  # per image, for verification
             self.whitening = Whitening.load(self.path / "whitening.npz")
-            self.offsets = np.load(self.path / "local_offsets.npy")
-            self.keypoints = np.load(self.path / "local_keypoints.npy", mmap_mode="r")
-            self.descriptors = np.load(self.path / "local_descriptors.npy", mmap_mode="r")
-            self.scores = np.load(self.path / "local_scores.npy", mmap_mode="r")
+            if m.format_version == 1:
+                self.local = LegacyLocalStore(self.path)
+            else:
+                self.global_vectors = np.load(self.path / "global.npy", mmap_mode="r")
+                if cpu_index is None:  # exact: built here from the stored vectors
+                    cpu_index = faiss.IndexFlatIP(int(self.global_vectors.shape[1]))
+                    for a in range(0, len(self.global_vectors), 65536):
+                        cpu_index.add(np.asarray(self.global_vectors[a : a + 65536], np.float32))
+                else:
+                    self.refine = int(m.search.get("refine", 0))
+                self.local = LocalStore(self.path, self.sizes[:, 0], self.sizes[:, 1])
         except IndexFormatError:
             raise
         except Exception as e:  # noqa: BLE001
             raise IndexFormatError(f"{self.path}: cannot read the index ({e}); rebuild it") from None
-        n = self.manifest.num_images
+        self.offsets = self.local.offsets
+        n = m.num_images
         if len(self.metadata) != n or cpu_index.ntotal != n or len(self.offsets) != n + 1:
             raise IndexFormatError(
                 f"{self.path}: inconsistent index (manifest {n} images, metadata {len(self.metadata)}, "
                 f"faiss {cpu_index.ntotal}, offsets {len(self.offsets) - 1}); rebuild it"
             )
-        check_metadata(self.metadata, self.path / "metadata.csv")
-        if np.any(np.diff(self.offsets) < 0) or self.offsets[0] != 0 or self.offsets[-1] != len(self.descriptors) \
-                or len(self.keypoints) != len(self.descriptors):
+        if self.global_vectors is not None and len(self.global_vectors) != n:
+            raise IndexFormatError(damaged_message(self.path, "global.npy", f"holds {len(self.global_vectors)} vectors, not {n}"))
+        codes = self.local.codes
+        if np.any(np.diff(self.offsets) < 0) or self.offsets[0] != 0 or self.offsets[-1] != len(codes) \
+                or len(self.local.keypoints) != len(codes):
             raise IndexFormatError(damaged_message(self.path, "local_offsets.npy", "does not match the local feature arrays"))
-        why = faiss_problem(cpu_index, self.manifest.search_dim, self.path / "global_raw.npy", self.whitening)
+        why = faiss_problem(cpu_index, m.search_dim, self.path / "global_raw.npy", self.whitening)
         if why:
-            raise IndexFormatError(damaged_message(self.path, "global.faiss", why))
+            raise IndexFormatError(damaged_message(self.path, "global.npy" if m.format_version >= 2 and m.index_type == "flat"
+                                                   else "global.faiss", why))
         self.lats = self.metadata["lat"].to_numpy(np.float64)
         self.lons = self.metadata["lon"].to_numpy(np.float64)
-        self.sizes = self.metadata[["width", "height"]].to_numpy(np.int64)  # per image, for verification
         self._norm_ref: float | None = None
         self.faiss_index, self.device = (cpu_index, "cpu") if device == "cpu" else to_device(cpu_index)
 
     def __len__(self) -> int:
         return self.manifest.num_images
 
+    def search_whitened(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, ids), each (nq, k), for whitened queries; compressed indexes re-score exactly."""
+        if not self.refine:
+            return self.faiss_index.search(np.ascontiguousarray(q, np.float32), k)
+        return search_refined(self.faiss_index, self.global_vectors, q, k, self.refine)
+
+    def search_vectors(self) -> np.ndarray:
+        """(N, d) float32 whitened global descriptors of every image, as FAISS searches them."""
+        if self.global_vectors is not None:
+            return np.asarray(self.global_vectors, np.float32)
+        return self.whitening.apply(np.load(self.path / "global_raw.npy"))
+
     def local_features(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keypoints (K, 2) float32 and descriptors (K, D) float32 of indexed image ``i``."""
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return np.asarray(self.keypoints[a:b], np.float32), np.asarray(self.descriptors[a:b], np.float32)
+        """Keypoints (K, 2) float32 and descriptors (K, d) float32 of indexed image ``i``, decoded."""
+        return self.local.features(i)
+
+    def query_local(self, descriptors: np.ndarray) -> np.ndarray:
+        """A query's local descriptors in the store's matching space (projected, never quantised)."""
+        return self.local.query(descriptors)
 
     def image_size(self, i: int) -> tuple[int, int]:
         return int(self.sizes[i, 0]), int(self.sizes[i, 1])

@@ -233,7 +233,7 @@ class Geolocator:
         (:meth:`decide` leaves it out, with a note)."""
         vc = self.config.verify_config
         q_kp = feats.keypoints[: vc.max_features]
-        q_desc = feats.local_descriptors[: vc.max_features]
+        q_desc = self.index.query_local(feats.local_descriptors[: vc.max_features])
 
         def one(i: int) -> int:
             kp, desc = self.index.local_features(int(i))

@@ -19,7 +19,7 @@ def search(index: GeoIndex, global_descriptors: np.ndarray, k: int = 100) -> lis
     """Top-``k`` candidates for each row of ``global_descriptors`` (raw, as the model gives them)."""
     q = index.whitening.apply(np.atleast_2d(global_descriptors))
     k = max(1, min(int(k), len(index)))
-    sims, ids = index.faiss_index.search(np.ascontiguousarray(q, np.float32), k)
+    sims, ids = index.search_whitened(q, k)
     out = []
     for s, i in zip(sims, ids):
         keep = i >= 0  # -1: an approximate index found fewer than k

@@ -12,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,23 +21,19 @@ import pandas as pd
 
 from delg_geo.errors import DelgGeoError, IndexFormatError
 from delg_geo.extract import iter_extract
-from delg_geo.integrity import damaged_message, file_checksum, file_problem
-from delg_geo.index import (
-    DATA_FILES,
-    MANIFEST,
-    Manifest,
-    build_faiss,
-    check_metadata,
-    choose_index_type,
-    library_versions,
-    now_iso,
-    read_manifest,
-    write_atomic,
+from delg_geo.integrity import damaged_message, file_problem
+from delg_geo.index import MANIFEST, check_metadata, now_iso, read_manifest, write_atomic
+from index_builder.assemble import (
+    BUILDING,
+    STAGING,
+    CompactOptions,
+    ModelInfo,
+    Part,
+    _kill_point,
+    assemble_index,
+    legacy_loaders,
+    swap_staging,
 )
-from delg_geo.whitening import Whitening, fit_pca_whitening
-
-BUILDING = ".building"
-STAGING = ".staging"
 
 
 @dataclass
@@ -47,11 +42,13 @@ class BuildOptions:
     batch_size: int = 4
     part_size: int = 64  # images per checkpoint file
     workers: int = 2  # decode threads
-    whitening_dim: int | None = None
-    whitening_power: float = 0.5
-    whitening_shrinkage: float = 0.1
-    whitening_min_images: int = 100  # fewer than this: no whitening (too little data to fit it)
     progress: bool = True
+    compact: CompactOptions = field(default_factory=CompactOptions)  # how the index is compressed
+
+    def compact_options(self) -> CompactOptions:
+        from dataclasses import replace
+
+        return replace(self.compact, index_type=self.index_type)
 
 
 @dataclass
@@ -78,13 +75,6 @@ class BuildReport:
 
 def _state_path(index_dir: Path) -> Path:
     return index_dir / BUILDING / "state.json"
-
-
-def _kill_point(name: str) -> None:
-    """Tests only: ``DELG_GEO_TEST_KILL_AT=name`` kills this process (SIGKILL) at that point,
-    as a power cut would (see tests/test_hostile.py, the recovery harness)."""
-    if os.environ.get("DELG_GEO_TEST_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _read_state(index_dir: Path) -> dict | None:
@@ -118,7 +108,8 @@ def _empty_building(index_dir: Path) -> bool:
 
 
 def _load_parts(index_dir: Path, extractor=None, log=None) -> list[dict]:
-    """The checkpoints of an interrupted run. A damaged one, or one written by another model
+    """The checkpoints of an interrupted run, as ``{"path", "keys"}`` (their arrays are read again,
+    one at a time, when the index is assembled). A damaged one, or one written by another model
     (its fingerprint, or for old checkpoints its dimensions, differ), is removed: its images
     are extracted again."""
     parts_dir = index_dir / BUILDING / "parts"
@@ -143,7 +134,7 @@ def _load_parts(index_dir: Path, extractor=None, log=None) -> list[dict]:
                 log(f"checkpoint {p.name}: {why}; its images are extracted again")
             p.unlink(missing_ok=True)
             continue
-        parts.append(part)
+        parts.append(dict(path=p, keys=part["keys"]))
     return parts
 
 
@@ -202,26 +193,18 @@ def _read_failed(failed_file: Path, log) -> dict:
     return failed
 
 
-def _existing_index_arrays(index_dir: Path) -> dict | None:
-    """The arrays of a complete index, as one part (for ``index add``)."""
+def _existing_index(index_dir: Path) -> dict | None:
+    """The manifest and metadata of a complete index (for ``index add``), every file checked first."""
     if not (index_dir / MANIFEST).exists():
         return None
     m = read_manifest(index_dir)
-    for name, size in m.files.items():  # every byte is read below anyway: check them all first
+    for name, size in m.files.items():  # its records are all copied: check every byte first
         why = file_problem(index_dir, name, size, m.checksums.get(name), full=True)
         if why:
             raise IndexFormatError(damaged_message(index_dir, name, why))
     md = pd.read_csv(index_dir / "metadata.csv", keep_default_na=False, na_values=[""])
     check_metadata(md, index_dir / "metadata.csv")
-    offsets = np.load(index_dir / "local_offsets.npy")
-    return dict(
-        metadata=md,
-        global_raw=np.load(index_dir / "global_raw.npy"),
-        counts=np.diff(offsets),
-        keypoints=np.load(index_dir / "local_keypoints.npy"),
-        descriptors=np.load(index_dir / "local_descriptors.npy"),
-        scores=np.load(index_dir / "local_scores.npy"),
-    )
+    return dict(metadata=md, manifest=m)
 
 
 def build_index(
@@ -288,7 +271,7 @@ def build_index(
         )
     if (index_dir / STAGING / MANIFEST).exists():
         # the previous run finished computing and died while moving files into place
-        _swap_staging(index_dir)
+        swap_staging(index_dir)
         m = read_manifest(index_dir)
         log(f"finished moving the staged index into place at {index_dir} ({m.num_images} images)")
         return BuildReport(str(index_dir), m.num_images, 0, m.num_images, m.skipped, time.perf_counter() - t_start)
@@ -302,7 +285,7 @@ def build_index(
         from delg_geo.models import get_extractor
 
         extractor = get_extractor(model)
-    existing = _existing_index_arrays(index_dir) if has_manifest else None
+    existing = _existing_index(index_dir) if has_manifest else None
     if existing is not None:
         m = read_manifest(index_dir)
         if m.model_fingerprint != extractor.fingerprint or m.model_id != extractor.model_id:
@@ -426,119 +409,73 @@ def build_index(
     position = {k: i for i, (k, _) in enumerate(new_records)}
     parts.sort(key=lambda p: position.get(str(p["keys"][0]), -1))
     _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif,
-              allow_outside)
+              allow_outside, log=log)
     m = read_manifest(index_dir)
     return BuildReport(
         str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds, ray_info
     )
 
 
+def part_loader(path: Path, row_of, keep_key=None):
+    """A loader of one checkpoint (or Ray shard) file as a ``Part``. ``row_of(key, (width, height))``
+    gives an image's metadata row; images whose key fails ``keep_key`` are left out."""
+
+    def load() -> Part:
+        with np.load(path, allow_pickle=False) as z:
+            part = {k: z[k] for k in ("keys", "global_raw", "counts", "sizes", "keypoints", "descriptors", "scores")}
+        if keep_key is not None:
+            keep = np.array([keep_key(str(k)) for k in part["keys"]], bool)
+            if not keep.all():
+                part = _select(part, keep)
+        rows = [row_of(str(k), (int(s[0]), int(s[1]))) for k, s in zip(part["keys"], part["sizes"])]
+        return Part(metadata=pd.DataFrame(rows), counts=part["counts"], keypoints=part["keypoints"],
+                    global_raw=part["global_raw"], descriptors=part["descriptors"], scores=part["scores"])
+
+    return load
+
+
+def metadata_row(rec, key: str, size) -> dict:
+    """The metadata row of an extracted image: the index's own columns, then the collection's extras."""
+    row = dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]))
+    # the collection's extra columns are kept, but never over the index's own
+    row.update({k: v for k, v in rec.extra.items() if k not in row and k != "id"})
+    return row
+
+
 def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif,
-              allow_outside=False):
-    rows, g_list, c_list, kp_list, d_list, s_list = [], [], [], [], [], []
-    if existing is not None:
-        md_old = existing["metadata"]
-        g_list.append(existing["global_raw"])
-        c_list.append(existing["counts"])
-        kp_list.append(existing["keypoints"])
-        d_list.append(existing["descriptors"])
-        s_list.append(existing["scores"])
-    dropped = 0
-    for p in parts:
-        keep = np.array([str(k) in by_key for k in p["keys"]], bool)
-        if not keep.all():  # checkpointed, but no longer in the metadata (it was edited): left out
-            dropped += int((~keep).sum())
-            p = _select(p, keep)
-        for key, size in zip(p["keys"], p["sizes"]):
-            rec = by_key[str(key)]
-            row = dict(image=rec.image, path=str(key), lat=rec.lat, lon=rec.lon, width=int(size[0]), height=int(size[1]))
-            # the collection's extra columns are kept, but never over the index's own
-            row.update({k: v for k, v in rec.extra.items() if k not in row and k != "id"})
-            rows.append(row)
-        g_list.append(p["global_raw"])
-        c_list.append(p["counts"])
-        kp_list.append(p["keypoints"])
-        d_list.append(p["descriptors"])
-        s_list.append(p["scores"])
-    if dropped:
+              allow_outside=False, log=print):
+    """The final step of a build, single-process or Ray: the checkpoint parts (``_write_part``'s
+    files, in index order) become the index through ``assemble_index``, on top of ``existing``
+    (``index add``) when given. A format-1 index being added to is re-encoded with the new parts."""
+    dropped = sum(int(sum(str(k) not in by_key for k in p["keys"])) for p in parts)
+    if dropped:  # checkpointed, but no longer in the metadata (it was edited): left out
         log(f"{dropped} checkpointed image(s) are no longer in the metadata; left out")
-    md_new = pd.DataFrame(rows)
-    md = pd.concat([md_old, md_new], ignore_index=True) if existing is not None else md_new
-    if len(md) == 0:
-        raise DelgGeoError(f"no image could be indexed ({len(skipped)} skipped); nothing written to {index_dir}")
-    md = md.drop(columns=["id"], errors="ignore")
-    md.insert(0, "id", np.arange(len(md)))
-    global_raw = np.concatenate(g_list).astype(np.float32)
-    counts = np.concatenate(c_list).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-
-    if getattr(extractor, "needs_whitening", False) and len(global_raw) >= opts.whitening_min_images:
-        wh = fit_pca_whitening(global_raw, dim=opts.whitening_dim, power=opts.whitening_power, shrinkage=opts.whitening_shrinkage)
-        wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage, dim=wh.out_dim, fitted_on=len(global_raw))
-    else:
-        wh = Whitening.identity(global_raw.shape[1])
-        wh_info = dict(kind="identity", dim=wh.out_dim)
-        if getattr(extractor, "needs_whitening", False):
-            wh_info["reason"] = f"{len(global_raw)} images, fewer than the {opts.whitening_min_images} needed to fit PCA whitening"
-    search_vectors = wh.apply(global_raw)
-    index_type = choose_index_type(len(md), opts.index_type)
-    import faiss
-
-    fidx = build_faiss(search_vectors, index_type)
-
-    staging = index_dir / STAGING
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
-    md.to_csv(staging / "metadata.csv", index=False)
-    _kill_point("staging")
-    np.save(staging / "global_raw.npy", global_raw)
-    faiss.write_index(fidx, str(staging / "global.faiss"))
-    wh.save(staging / "whitening.npz")
-    np.save(staging / "local_offsets.npy", offsets)
-    np.save(staging / "local_keypoints.npy", np.concatenate(kp_list).astype(np.float32))
-    np.save(staging / "local_descriptors.npy", np.concatenate(d_list).astype(np.float16))
-    np.save(staging / "local_scores.npy", np.concatenate(s_list).astype(np.float16))
-    old = read_manifest(index_dir) if existing is not None else None
+    loaders = [part_loader(p["path"], lambda k, size: metadata_row(by_key[k], k, size), lambda k: k in by_key)
+               for p in parts]
+    old = existing["manifest"] if existing is not None else None
     old_skipped = old.skipped if old else []
     seen = {(str(d.get("image")), str(d.get("reason"))) for d in old_skipped}
     all_skipped = old_skipped + [d for d in skipped if (str(d["image"]), str(d["reason"])) not in seen]
-    pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
     source = dict(
         images_dir=str(Path(images_dir).resolve()),
         metadata=[str(m) for m in metadata] if isinstance(metadata, (tuple, list)) else (str(metadata) if metadata else None),
         from_exif=bool(from_exif),
         format=fmt,
         allow_outside=bool(allow_outside),
-        added=len(md) - (len(existing["metadata"]) if existing is not None else 0),
+        added=sum(int(sum(str(k) in by_key for k in p["keys"])) for p in parts),
         at=now_iso(),
     )
-    files = {name: (staging / name).stat().st_size for name in (*DATA_FILES, "skipped.csv")}
-    checksums = {name: file_checksum(staging / name) for name in files}
-    manifest = Manifest(
-        model_id=extractor.model_id,
-        model_fingerprint=extractor.fingerprint,
-        global_dim=int(global_raw.shape[1]),
-        search_dim=int(search_vectors.shape[1]),
-        local_dim=int(extractor.local_dim),
-        num_images=len(md),
-        num_local_features=int(offsets[-1]),
-        index_type=index_type,
-        model_config=getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
-        whitening=wh_info,
-        files=files,
-        checksums=checksums,
-        skipped=all_skipped,
-        sources=(old.sources if old else []) + [source],
-        versions=library_versions(),
-        build_id=str(state.get("build_id", "")),
-        model_path=_model_path(extractor, old),
-        created=old.created if old else state.get("started", now_iso()),
-        updated=now_iso(),
+    base = None
+    if old is not None and old.format_version >= 2:
+        base = index_dir
+    elif old is not None:  # format 1: its raw features are encoded with the new ones
+        loaders = legacy_loaders(index_dir) + loaders
+        source["converted_from_format"] = 1
+    assemble_index(
+        index_dir, loaders, ModelInfo.of(extractor), options=opts.compact_options(), base=base, skipped=all_skipped,
+        sources=(old.sources if old else []) + [source], created=old.created if old else state.get("started", now_iso()),
+        build_id=str(state.get("build_id", "")), model_path=_model_path(extractor, old), log=log, progress=opts.progress,
     )
-    write_atomic(staging / MANIFEST, manifest.to_json())
-    _kill_point("staged")
-    _swap_staging(index_dir)
 
 
 def _model_path(extractor, old) -> str:
@@ -549,18 +486,3 @@ def _model_path(extractor, old) -> str:
     if p and extractor.model_id != DEFAULT_MODEL:
         return str(Path(p).resolve())
     return old.model_path if old is not None else ""
-
-
-def _swap_staging(index_dir: Path) -> None:
-    """Move the staged files into place; the manifest goes last, and only then is work removed."""
-    staging = index_dir / STAGING
-    (index_dir / MANIFEST).unlink(missing_ok=True)
-    for p in sorted(staging.iterdir()):
-        if p.name != MANIFEST:
-            os.replace(p, index_dir / p.name)
-            _kill_point("swap")
-    os.replace(staging / MANIFEST, index_dir / MANIFEST)
-    _kill_point("manifest")
-    shutil.rmtree(staging, ignore_errors=True)
-    _kill_point("staging-removed")
-    shutil.rmtree(index_dir / BUILDING, ignore_errors=True)

@@ -285,7 +285,7 @@ def test_every_file_has_a_checksum_and_verify_passes(tiny, capsys):
     from delg_geo.integrity import file_checksum
 
     m = _manifest(tiny["index"])
-    assert set(m["checksums"]) == set(m["files"]) >= {"metadata.csv", "global.faiss", "local_descriptors.npy", "skipped.csv"}
+    assert set(m["checksums"]) == set(m["files"]) >= {"metadata.csv", "global.npy", "local_codes.npy", "skipped.csv"}
     for name, cs in m["checksums"].items():
         assert cs.startswith("xxh3_128:") and file_checksum(tiny["index"] / name) == cs
     code, out, err = run_cli(capsys, "index", "verify", "--index", tiny["index"])
@@ -313,39 +313,37 @@ def test_edited_coordinate_is_refused(tiny, tmp_path, capsys, small_extractor):
 
 
 @pytest.mark.parametrize("with_checksums", [True, False])
-def test_random_bytes_in_global_faiss(tiny, tmp_path, capsys, with_checksums):
+def test_random_bytes_in_global_vectors(tiny, tmp_path, capsys, with_checksums):
     index = copy_index(tiny, tmp_path)
-    size = (index / "global.faiss").stat().st_size
-    head = (index / "global.faiss").read_bytes()[:64]  # the header survives; the vectors do not
-    (index / "global.faiss").write_bytes(head + np.random.default_rng(0).bytes(size - 64))
+    name = "global.npy"  # an exact index: FAISS is built from these vectors when the index opens
+    size = (index / name).stat().st_size
+    head = (index / name).read_bytes()[:128]  # the header survives; the vectors do not
+    (index / name).write_bytes(head + np.random.default_rng(0).bytes(size - 128))
     if not with_checksums:  # as an index built before checksums were recorded
         _edit_manifest(index, lambda d: d.pop("checksums"))
     code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
-    assert code == 2 and out == "" and "damaged index" in err and "global.faiss" in err
+    assert code == 2 and out == "" and "damaged index" in err and name in err
     assert "no candidates" not in err
     code, out, err = run_cli(capsys, "index", "verify", "--index", index)
-    assert code == 1 and "global.faiss" in err
+    assert code == 1 and name in err
 
 
 def _damage_local(index, image_id: int, what: str) -> None:
     offsets = np.load(index / "local_offsets.npy")
     a, b = int(offsets[image_id]), int(offsets[image_id + 1])
-    name = "local_keypoints.npy" if what.startswith("kp") else "local_descriptors.npy"
+    # the compact store holds int8 codes and uint16 keypoints: no NaN can be stored, so the damage
+    # is zeroed codes (decoded: zero vectors) and keypoints at the largest value (outside the image)
+    name = "local_keypoints.npy" if what.startswith("kp") else "local_codes.npy"
     arr = np.load(index / name, mmap_mode="r+")
-    rng = np.random.default_rng(1)
-    if what == "desc_nan":
-        arr[a:b] = np.nan
-    elif what == "desc_random":
-        arr[a:b] = rng.random(arr[a:b].shape).astype(arr.dtype)
+    if what == "desc_zero":
+        arr[a:b] = 0
     elif what == "kp_huge":
-        arr[a:b] = 1e30
-    elif what == "kp_nan":
-        arr[a:b] = np.nan
+        arr[a:b] = np.iinfo(arr.dtype).max
     arr.flush()
     del arr
 
 
-@pytest.mark.parametrize("what", ["desc_nan", "desc_random", "kp_huge", "kp_nan"])
+@pytest.mark.parametrize("what", ["desc_zero", "kp_huge"])
 def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extractor, monkeypatch, capsys, what):
     import delg_geo.integrity as integrity
     from delg_geo.index import GeoIndex
@@ -358,7 +356,7 @@ def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extracto
     _damage_local(index, 1, what)
     # with checksums, opening refuses the index outright, naming the file
     code, out, err = run_cli(capsys, "query", query, "--index", index)
-    name = "local_keypoints.npy" if what.startswith("kp") else "local_descriptors.npy"
+    name = "local_keypoints.npy" if what.startswith("kp") else "local_codes.npy"
     assert code == 2 and out == "" and f"{name} content does not match its checksum" in err
     # a store too large to checksum on open (here: a 0-byte budget) is checked per candidate
     monkeypatch.setattr(integrity, "CHEAP_CHECK_BYTES", 0)
@@ -376,9 +374,9 @@ def test_add_refuses_a_damaged_index(tiny, tmp_path, small_extractor):
     from delg_geo.errors import IndexFormatError
 
     index = copy_index(tiny, tmp_path)
-    _damage_local(index, 0, "desc_nan")
+    _damage_local(index, 0, "desc_zero")
     before = {p.name: p.read_bytes() for p in index.iterdir()}
-    with pytest.raises(IndexFormatError, match="local_descriptors.npy content does not match"):
+    with pytest.raises(IndexFormatError, match="local_codes.npy content does not match"):
         build(tiny["images"], index, tiny["csv"], small_extractor, add=True, resume=True)
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before  # nothing touched
 

@@ -59,12 +59,14 @@ def _subset(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, lite_extractor):
+    from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
     venice, ref_csv, q = _subset(tmp_path_factory)
     index_dir = tmp_path_factory.mktemp("idx") / "venice"
     counting = CountingExtractor(lite_extractor)
-    rep = build_index(venice, index_dir, ref_csv, extractor=counting, options=BuildOptions(progress=False, part_size=32), log=lambda m: None)
+    opts = BuildOptions(progress=False, part_size=32, compact=CompactOptions(keep_raw=True))
+    rep = build_index(venice, index_dir, ref_csv, extractor=counting, options=opts, log=lambda m: None)
     return dict(venice=venice, ref_csv=ref_csv, queries=q, index_dir=index_dir, report=rep, extracted=counting.count)
 
 
@@ -72,15 +74,23 @@ def test_build_writes_a_complete_index(built):
     m = read_manifest(built["index_dir"])
     assert m.num_images == N_REF == built["report"].num_images == built["extracted"]
     assert m.model_id == "efficientnet-lite0" and m.global_dim == 1280 and m.local_dim == 112
-    assert m.num_local_features == N_REF * 1000
-    assert m.whitening["kind"] == "pca" and m.index_type == "flat"
+    assert m.format_version == 2 and m.num_local_features == N_REF * 500
+    assert m.whitening["kind"] == "pca" and m.whitening["dim"] == N_REF - 1  # at most 256, at most N - 1
+    assert m.index_type == "flat" and m.search["type"] == "flat"
+    assert m.local["kind"] == "pca-int8" and m.local["dim"] == 48 and m.local["max_features"] == 500
+    # every file the manifest lists, but the shared whitening/codec and the --keep-raw copy: <= 32 KB an image
+    per_image = {k: v for k, v in m.files.items() if k not in ("whitening.npz", "local_codec.npz", "global_raw.npy")}
+    assert 20_000 < sum(per_image.values()) / N_REF <= 32 * 1024, per_image
     md = pd.read_csv(built["index_dir"] / "metadata.csv")
     assert list(md.columns[:5]) == ["id", "image", "path", "lat", "lon"] and "flickr_photo_id" in md.columns
     idx = GeoIndex(built["index_dir"])
     kp, desc = idx.local_features(3)
-    assert kp.shape == (1000, 2) and desc.shape == (1000, 112)
-    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=2e-3)  # float16 storage
-    assert idx.descriptors.dtype == np.float16 and isinstance(idx.descriptors, np.memmap)
+    assert kp.shape == (500, 2) and desc.shape == (500, 48)
+    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=1e-5)
+    assert idx.local.codes.dtype == np.int8 and isinstance(idx.local.codes, np.memmap)
+    assert isinstance(idx.global_vectors, np.memmap) and idx.global_vectors.dtype == np.float16
+    raw = np.load(built["index_dir"] / "global_raw.npy")  # --keep-raw: the model's descriptors, as they were
+    np.testing.assert_allclose(idx.search_vectors(), idx.whitening.apply(raw), atol=2e-3)
 
 
 def test_verification_beats_global_on_real_queries(built, lite_extractor):
@@ -116,10 +126,11 @@ def test_verification_beats_global_on_real_queries(built, lite_extractor):
 
 
 def test_resume_after_interrupt(built, tmp_path, lite_extractor):
+    from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
     index_dir = tmp_path / "resumed"
-    opts = BuildOptions(progress=False, part_size=16)
+    opts = BuildOptions(progress=False, part_size=16, compact=CompactOptions(keep_raw=True))
     small = tmp_path / "small.csv"
     pd.read_csv(built["ref_csv"]).head(40).to_csv(small, index=False)
     with pytest.raises(DelgGeoError, match="--resume"):
@@ -158,9 +169,9 @@ def test_model_mismatch_is_refused(built):
 def test_damaged_index_is_refused(built, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(built["index_dir"], copy)
-    with open(copy / "local_descriptors.npy", "r+b") as f:
+    with open(copy / "local_codes.npy", "r+b") as f:
         f.truncate(1000)
-    with pytest.raises(IndexFormatError, match="local_descriptors.npy"):
+    with pytest.raises(IndexFormatError, match="local_codes.npy"):
         GeoIndex(copy)
     (copy / "manifest.json").write_text("{not json")
     with pytest.raises(IndexFormatError, match="corrupt manifest"):

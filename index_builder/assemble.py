@@ -1,0 +1,431 @@
+"""The final step of every build: from extracted parts to a complete compact index.
+
+``assemble_index`` is the one function that writes an index. The single-process build, the Ray
+build, ``index add``, ``index compact`` (format 1 -> 2) and ``tools/bench_scale.py`` all call it.
+It streams: parts are read one at a time (a ``Part`` loader per checkpoint or shard file), so
+memory stays bounded by one part plus the training samples, whatever the collection's size.
+
+1. **Train** on a sample (``CompactOptions.train_images`` images, ``train_local`` local
+   descriptors, drawn from parts in a seeded random order): PCA whitening of the global descriptor
+   to ``global_dim``, and the local codec (``delg_geo.store``). With ``base`` (an existing compact
+   index) nothing is refitted: its whitening and codec encode the new parts.
+2. **Write** every part: global vectors as float16, keypoints as uint16, local codes, metadata,
+   appended to ``.npy`` files in ``INDEX_DIR/.staging``.
+3. **Index**: exact (flat, built when the index is opened) up to ``exact_limit`` images; above,
+   IVF-PQ (or HNSW over PQ) trained on a random sample of the stored vectors, then every vector
+   added in chunks. The choice and its parameters go in the manifest (``search``).
+4. **Manifest** last, then the staged files are moved into place (``swap_staging``).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from delg_geo.errors import DelgGeoError, IndexFormatError
+from delg_geo.index import (
+    DEFAULT_EXACT_LIMIT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    choose_index_type,
+    faiss_params,
+    library_versions,
+    new_faiss,
+    now_iso,
+    read_manifest,
+    write_atomic,
+)
+from delg_geo.store import LocalCodec, encode_keypoints, fit_local_codec, keypoint_unit
+from delg_geo.whitening import Whitening, fit_pca_whitening
+
+STAGING = ".staging"
+BUILDING = ".building"
+
+
+def _kill_point(name: str) -> None:
+    """Tests only: ``DELG_GEO_TEST_KILL_AT=name`` kills this process (SIGKILL) at that point,
+    as a power cut would (see tests/test_hostile.py, the recovery harness)."""
+    if os.environ.get("DELG_GEO_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class CompactOptions:
+    """How the index is compressed. The defaults are the README's measured choice."""
+
+    index_type: str = "auto"  # auto | flat | ivfpq | hnsw
+    exact_limit: int = DEFAULT_EXACT_LIMIT
+    global_dim: int = 256  # PCA-whitened global descriptor, stored float16
+    whitening_power: float = 0.5
+    whitening_shrinkage: float = 0.1
+    whitening_min_images: int = 100  # fewer: no whitening (too little data to fit it)
+    local_codec: str = "pca-int8"  # float16 | pca-int8 | pca-binary | pq
+    local_dim: int | None = 48  # after PCA (None: the model's dimension)
+    pq_m: int | None = None
+    max_local: int = 500  # local features kept per image (the highest-attention ones)
+    keep_raw: bool = False  # also store the model's float32 global descriptors
+    train_images: int = 50_000
+    train_local: int = 200_000
+    seed: int = 0
+
+
+@dataclass
+class ModelInfo:
+    model_id: str
+    fingerprint: str
+    local_dim: int
+    needs_whitening: bool = False
+    config: dict = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, extractor) -> "ModelInfo":
+        return cls(extractor.model_id, extractor.fingerprint, int(extractor.local_dim),
+                   bool(getattr(extractor, "needs_whitening", False)),
+                   getattr(getattr(extractor, "config", None), "to_dict", lambda: {})())
+
+
+@dataclass
+class Part:
+    """Extracted images, in index order. Either raw (``global_raw``, ``descriptors``, as the model
+    gives them) or already in the index's spaces (``global_vectors`` whitened and L2-normalised,
+    ``local_projected`` projected by the codec), as synthetic distractors are generated."""
+
+    metadata: pd.DataFrame  # image, path, lat, lon, width, height, extra columns
+    counts: np.ndarray  # (n,) local features per image
+    keypoints: np.ndarray  # (m, 2) pixels
+    global_raw: np.ndarray | None = None  # (n, G)
+    descriptors: np.ndarray | None = None  # (m, D), best-first within each image
+    scores: np.ndarray | None = None  # (m,) attention, to order features when given
+    global_vectors: np.ndarray | None = None  # (n, d)
+    local_projected: np.ndarray | None = None  # (m, dim)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def keep_rows(self, max_local: int) -> np.ndarray:
+        """Rows of the best ``max_local`` features of every image (by score when known)."""
+        off = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
+        rows = []
+        for i in range(len(self.counts)):
+            a, b = off[i], off[i + 1]
+            if self.scores is not None and b - a > max_local:
+                rows.append(a + np.sort(np.argsort(-self.scores[a:b], kind="stable")[:max_local]))
+            else:
+                rows.append(np.arange(a, min(b, a + max_local)))
+        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+PartLoader = Callable[[], Part]
+
+
+class NpyAppender:
+    """A ``.npy`` file that grows by chunks; the header's row count is written at ``close``."""
+
+    HEADER = 128
+
+    def __init__(self, path: Path, dtype, width: int | None):
+        self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
+        self.f = open(path, "wb")
+        self.f.write(b"\0" * self.HEADER)
+
+    def append(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, self.dtype)
+        if x.shape[1:] != ((self.width,) if self.width else ()):
+            raise ValueError(f"{self.path.name}: rows of shape {x.shape[1:]}, expected {self.width}")
+        self.f.write(x.tobytes())
+        self.rows += len(x)
+
+    def close(self) -> None:
+        shape = (self.rows, self.width) if self.width else (self.rows,)
+        d = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
+        head = b"\x93NUMPY\x01\x00"
+        body = d.encode("latin1")
+        pad = self.HEADER - len(head) - 2 - len(body) - 1
+        if pad < 0:
+            raise ValueError("npy header too long")
+        self.f.seek(0)
+        self.f.write(head + (self.HEADER - len(head) - 2).to_bytes(2, "little") + body + b" " * pad + b"\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+
+
+def _sample(loaders: Sequence[PartLoader], opts: CompactOptions, log) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Global raw descriptors and local descriptors from a seeded random subset of parts, put
+    together in index order (so a build cut into other parts, as Ray cuts it, trains the same)."""
+    rng = np.random.default_rng(opts.seed)
+    got, n_img, n_loc = {}, 0, 0
+    for j in rng.permutation(len(loaders)):
+        p = loaders[int(j)]()
+        if p.global_raw is None or p.descriptors is None:
+            continue
+        rows = p.keep_rows(opts.max_local)
+        got[int(j)] = (np.asarray(p.global_raw, np.float32), np.asarray(p.descriptors[rows], np.float32))
+        n_img += len(p)
+        n_loc += len(rows)
+        if n_img >= opts.train_images and n_loc >= opts.train_local:
+            break
+    if not got:
+        return None, None
+    g = np.concatenate([got[j][0] for j in sorted(got)])[: max(opts.train_images, 1)]
+    loc = np.concatenate([got[j][1] for j in sorted(got)])
+    if len(loc) > opts.train_local:
+        loc = loc[np.sort(rng.choice(len(loc), opts.train_local, replace=False))]
+    log(f"training on {len(g)} global and {len(loc)} local descriptors")
+    return g, loc
+
+
+def assemble_index(
+    index_dir: str | Path,
+    loaders: Sequence[PartLoader],
+    model: ModelInfo,
+    *,
+    options: CompactOptions | None = None,
+    base: str | Path | None = None,
+    skipped: list | None = None,
+    sources: list | None = None,
+    created: str | None = None,
+    build_id: str = "",
+    model_path: str = "",
+    log=print,
+    progress: bool = False,
+) -> Manifest:
+    """Write a complete compact index at ``index_dir`` from ``loaders`` (see the module docstring).
+
+    ``base``: an existing compact index whose images come first and whose whitening and codec are
+    reused (``index add``; it may be ``index_dir`` itself). ``skipped`` and ``sources`` are the
+    manifest's complete lists (the caller merges the base's).
+    """
+    from delg_geo.integrity import file_checksum
+
+    import faiss
+
+    opts = options or CompactOptions()
+    index_dir = Path(index_dir)
+    base_m = read_manifest(base) if base is not None else None
+    if base_m is not None and base_m.format_version < 2:
+        raise IndexFormatError(f"{base}: format {base_m.format_version}; pass it as a part (legacy_part) instead")
+
+    if base_m is not None:
+        base = Path(base)
+        wh = Whitening.load(base / "whitening.npz")
+        codec = LocalCodec.load(base / "local_codec.npz")
+        wh_info = dict(base_m.whitening)
+    else:
+        g_sample, l_sample = _sample(loaders, opts, log)
+        if g_sample is None:
+            raise DelgGeoError("no raw features to train the index on")
+        if model.needs_whitening and len(g_sample) >= opts.whitening_min_images:
+            wh = fit_pca_whitening(g_sample, dim=opts.global_dim, power=opts.whitening_power,
+                                   shrinkage=opts.whitening_shrinkage)
+            wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage,
+                           dim=wh.out_dim, fitted_on=len(g_sample))
+        else:
+            wh = Whitening.identity(g_sample.shape[1])
+            wh_info = dict(kind="identity", dim=wh.out_dim)
+            if model.needs_whitening:
+                wh_info["reason"] = (f"{len(g_sample)} images, fewer than the {opts.whitening_min_images} "
+                                     "needed to fit PCA whitening")
+        codec = fit_local_codec(l_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
+        del g_sample, l_sample
+
+    staging = index_dir / STAGING
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    gdim = wh.out_dim
+    out_g = NpyAppender(staging / "global.npy", np.float16, gdim)
+    out_kp = NpyAppender(staging / "local_keypoints.npy", np.uint16, 2)
+    out_codes = NpyAppender(staging / "local_codes.npy", codec.code_dtype, codec.code_width)
+    out_raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if opts.keep_raw else None
+    counts_all, metas = [], []
+    n_new = 0
+
+    def write(meta, counts, g16, kp16, codes, raw=None):
+        out_g.append(g16)
+        out_kp.append(kp16)
+        out_codes.append(codes)
+        if out_raw is not None:
+            if raw is None:
+                raise DelgGeoError("--keep-raw needs raw global descriptors for every image")
+            out_raw.append(raw)
+        counts_all.append(np.asarray(counts, np.int64))
+        metas.append(meta)
+
+    if base_m is not None:
+        _copy_base(base, write, keep_raw=opts.keep_raw)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(loaders), desc="assemble", unit="part")
+    for load in loaders:
+        p = load()
+        n_new += len(p)
+        rows = p.keep_rows(opts.max_local)
+        off = np.concatenate([[0], np.cumsum(p.counts)])
+        counts = np.minimum(np.asarray(p.counts, np.int64), opts.max_local)
+        if p.global_vectors is not None:
+            g = np.asarray(p.global_vectors, np.float32)
+        else:
+            g = wh.apply(np.asarray(p.global_raw, np.float32))
+        if p.local_projected is not None:
+            codes = codec.encode_projected(p.local_projected[rows])
+        else:
+            codes = codec.encode(np.asarray(p.descriptors[rows], np.float32))
+        md = p.metadata.reset_index(drop=True)
+        units = np.repeat(keypoint_unit(md["width"].to_numpy(), md["height"].to_numpy()), counts)
+        kp = encode_keypoints(np.asarray(p.keypoints[rows], np.float64), units[:, None]) if len(rows) else \
+            np.zeros((0, 2), np.uint16)
+        assert int(counts.sum()) == len(rows) and int(off[-1]) == len(p.keypoints)
+        write(md, counts, g.astype(np.float16), kp, codes, p.global_raw)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    for a in (out_g, out_kp, out_codes) + ((out_raw,) if out_raw else ()):
+        a.close()
+
+    md = pd.concat(metas, ignore_index=True) if metas else pd.DataFrame()
+    if len(md) == 0:
+        shutil.rmtree(staging)
+        raise DelgGeoError(f"no image could be indexed ({len(skipped or [])} skipped); nothing written to {index_dir}")
+    md = md.drop(columns=["id"], errors="ignore")
+    md.insert(0, "id", np.arange(len(md)))
+    n = len(md)
+    counts = np.concatenate(counts_all)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    index_type = choose_index_type(n, opts.index_type, opts.exact_limit)
+    params = faiss_params(n, gdim, index_type)
+    if index_type != "flat":
+        gv = np.load(staging / "global.npy", mmap_mode="r")
+        rng = np.random.default_rng(opts.seed)
+        take = np.sort(rng.choice(n, min(n, params.get("train_size", 50_000)), replace=False))
+        log(f"training {index_type} on {len(take)} of {n} vectors: {params}")
+        fidx = new_faiss(gdim, params, np.asarray(gv[take], np.float32))
+        for a in range(0, n, 100_000):
+            fidx.add(np.asarray(gv[a : a + 100_000], np.float32))
+        faiss.write_index(fidx, str(staging / "global.faiss"))
+        del gv
+    md.to_csv(staging / "metadata.csv", index=False)
+    _kill_point("staging")
+    wh.save(staging / "whitening.npz")
+    codec.save(staging / "local_codec.npz")
+    np.save(staging / "local_offsets.npy", offsets)
+    all_skipped = list(skipped or [])
+    pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
+    files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != MANIFEST}
+    checksums = {name: file_checksum(staging / name) for name in files}
+    local_info = dict(codec.info(), max_features=opts.max_local, keypoints="uint16")
+    manifest = Manifest(
+        model_id=model.model_id,
+        model_fingerprint=model.fingerprint,
+        global_dim=int(wh.in_dim),
+        search_dim=int(gdim),
+        local_dim=int(model.local_dim),
+        num_images=n,
+        num_local_features=int(offsets[-1]),
+        index_type=index_type,
+        model_config=model.config,
+        whitening=wh_info,
+        files=files,
+        checksums=checksums,
+        skipped=all_skipped,
+        sources=list(sources or []),
+        versions=library_versions(),
+        build_id=build_id,
+        model_path=model_path,
+        created=(base_m.created if base_m else None) or created or now_iso(),
+        updated=now_iso(),
+        format_version=FORMAT_VERSION,
+        search=dict(params, requested=opts.index_type, exact_limit=opts.exact_limit, vectors="global.npy (float16)"),
+        local=local_info,
+    )
+    write_atomic(staging / MANIFEST, manifest.to_json())
+    _kill_point("staged")
+    swap_staging(index_dir)
+    return manifest
+
+
+def _copy_base(base: Path, write, keep_raw: bool, chunk: int = 20_000) -> None:
+    """Feed a compact index's records, as they are stored, to ``write``."""
+    md = pd.read_csv(base / "metadata.csv", keep_default_na=False, na_values=[""]).drop(columns=["id"])
+    off = np.load(base / "local_offsets.npy")
+    g = np.load(base / "global.npy", mmap_mode="r")
+    kp = np.load(base / "local_keypoints.npy", mmap_mode="r")
+    codes = np.load(base / "local_codes.npy", mmap_mode="r")
+    raw = np.load(base / "global_raw.npy", mmap_mode="r") if keep_raw and (base / "global_raw.npy").exists() else None
+    if keep_raw and raw is None:
+        raise DelgGeoError(f"{base} was built without --keep-raw; its raw descriptors cannot be kept")
+    for a in range(0, len(md), chunk):
+        b = min(a + chunk, len(md))
+        write(md.iloc[a:b], np.diff(off[a : b + 1]), np.asarray(g[a:b]), np.asarray(kp[off[a] : off[b]]),
+              np.asarray(codes[off[a] : off[b]]), None if raw is None else np.asarray(raw[a:b]))
+
+
+def legacy_loaders(index_dir: str | Path, chunk: int = 2000) -> list[PartLoader]:
+    """A format-1 index (raw global descriptors, float16 local descriptors) as raw parts."""
+    index_dir = Path(index_dir)
+    m = read_manifest(index_dir)
+    if m.format_version != 1:
+        raise IndexFormatError(f"{index_dir} is format {m.format_version}, not 1")
+    md = pd.read_csv(index_dir / "metadata.csv", keep_default_na=False, na_values=[""]).drop(columns=["id"])
+    off = np.load(index_dir / "local_offsets.npy")
+
+    def loader(a, b):
+        def load() -> Part:
+            g = np.load(index_dir / "global_raw.npy", mmap_mode="r")
+            mm = lambda name: np.load(index_dir / name, mmap_mode="r")[off[a] : off[b]]  # noqa: E731
+            return Part(metadata=md.iloc[a:b], counts=np.diff(off[a : b + 1]), keypoints=np.asarray(mm("local_keypoints.npy")),
+                        global_raw=np.asarray(g[a:b], np.float32), descriptors=np.asarray(mm("local_descriptors.npy")),
+                        scores=np.asarray(mm("local_scores.npy")))
+        return load
+
+    return [loader(a, min(a + chunk, len(md))) for a in range(0, len(md), chunk)]
+
+
+def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | None = None, log=print) -> Manifest:
+    """Convert a format-1 index into a compact (format-2) one at ``dst``, without re-extracting."""
+    m = read_manifest(src)
+    dst = Path(dst)
+    if (dst / MANIFEST).exists() or (dst.exists() and any(dst.iterdir())):
+        raise DelgGeoError(f"{dst} is not empty; choose a new folder")
+    model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, m.whitening.get("kind") == "pca" or
+                      "reason" in m.whitening, m.model_config)
+    return assemble_index(dst, legacy_loaders(src), model, options=options, skipped=m.skipped,
+                          sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
+                          created=m.created, log=log)
+
+
+def swap_staging(index_dir: Path) -> None:
+    """Move the staged files into place; the manifest goes last, and only then is work removed."""
+    staging = index_dir / STAGING
+    (index_dir / MANIFEST).unlink(missing_ok=True)
+    import json
+
+    staged = set(json.loads((staging / MANIFEST).read_text()).get("files", {}))
+    # files of the previous index that this one does not have (format 1 -> 2, a dropped global.faiss)
+    for name in _INDEX_FILES - staged:
+        (index_dir / name).unlink(missing_ok=True)
+    for p in sorted(staging.iterdir()):
+        if p.name != MANIFEST:
+            os.replace(p, index_dir / p.name)
+            _kill_point("swap")
+    os.replace(staging / MANIFEST, index_dir / MANIFEST)
+    _kill_point("manifest")
+    shutil.rmtree(staging, ignore_errors=True)
+    _kill_point("staging-removed")
+    shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
+
+
+_INDEX_FILES = {"global_raw.npy", "global.faiss", "global.npy", "local_descriptors.npy", "local_scores.npy",
+                "local_codes.npy", "local_codec.npz", "local_keypoints.npy", "local_offsets.npy"}
