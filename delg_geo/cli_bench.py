@@ -21,7 +21,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, summary.json/md, error_cdf.png."),
         methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat or comma-separate; default: all."),
         radii_km: Optional[List[float]] = typer.Option(None, "--radii-km", help="Accuracy radii in km (repeat)."),
-        top_k: int = typer.Option(100, "--top-k", "-k"),
+        top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates per query (at least 1)."),
         fmt: str = typer.Option("auto", "--format", help="auto, csv, placing or im2gps."),
         yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata for a Placing 2016 list."),
         map_out: bool = typer.Option(False, "--map", help="Also write bench_map.html: truth vs prediction per query."),

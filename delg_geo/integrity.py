@@ -124,25 +124,28 @@ def local_features_problem(kp: np.ndarray, desc: np.ndarray, size: tuple[int, in
         return f"{len(kp)} keypoints but {len(desc)} descriptors"
     if len(kp) == 0:
         return None
-    kp = np.asarray(kp, np.float64)
-    if not np.isfinite(kp).all():
+    kp = np.asarray(kp)
+    lo, hi = kp.min(axis=0), kp.max(axis=0)  # NaN propagates into both
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
         return "non-finite keypoints"
     w, h = size
     m = 0.05 * max(w, h) + 16
-    if (kp < -m).any() or (kp[:, 0] > w + m).any() or (kp[:, 1] > h + m).any():
+    if lo.min() < -m or hi[0] > w + m or hi[1] > h + m:
         return f"keypoints outside the {w}x{h} image"
-    d = np.asarray(desc, np.float64)
-    if not np.isfinite(d).all():
+    d = np.asarray(desc)
+    sq = np.einsum("ij,ij->i", d, d, dtype=np.float32)  # NaN and inf propagate; huge values overflow to inf
+    if not np.isfinite(sq).all():
         return "non-finite local descriptors"
-    norms = np.linalg.norm(d, axis=1)
-    if ((norms < norm_ref / 3) | (norms > norm_ref * 3)).any():
-        return f"local descriptor norms {norms.min():.3g}..{norms.max():.3g}, the index's are about {norm_ref:.3g}"
+    bad = (sq < (norm_ref / 3) ** 2) | (sq > (norm_ref * 3) ** 2)
+    if bad.any():
+        n = np.sqrt(sq)
+        return f"local descriptor norms {n.min():.3g}..{n.max():.3g}, the index's are about {norm_ref:.3g}"
     return None
 
 
 # -- the global index -------------------------------------------------------------------------------
 
-def faiss_problem(cpu_index, search_dim: int, raw_path: Path | None, whitening, samples: int = 32) -> str | None:
+def faiss_problem(cpu_index, search_dim: int, raw_path: Path | None, whitening, samples: int = 16) -> str | None:
     """Why the FAISS index does not hold this index's vectors, or None: its dimension, finite
     vectors of unit length, and (when ``global_raw.npy`` is kept and the index type can
     reconstruct) a sample of vectors equal to the whitened stored descriptors."""

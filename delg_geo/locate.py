@@ -50,6 +50,10 @@ class LocateConfig:
     workers: int = 2  # verification threads
     places: bool = True  # attach the nearest place name (offline reverse geocoding)
 
+    def __post_init__(self):
+        if int(self.top_k) < 1:
+            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+
 
 @dataclass
 class Neighbour:

@@ -14,14 +14,18 @@
 * ``GET /api/info``, ``GET /healthz``, ``GET /openapi.json``.
 
 Requests run in the server's thread pool; at most ``max_concurrent`` locate at once (each one
-gets its own features and answer; the Geolocator holds no per-request state).
+gets its own features and answer; the Geolocator holds no per-request state) and at most
+``max_queue`` more wait for their turn: beyond that the answer is 503 with ``Retry-After`` (the
+seconds the queue ahead should take), never an unbounded wait. Memory stays bounded: uploads are
+decoded straight to the model's working size (``max_side``), the match pictures kept for recent
+queries are small JPEGs, and freed memory is handed back to the system after each request
+(:func:`bound_memory`).
 """
 
 import collections
 import io
 import json
 import os
-import re
 import secrets
 import threading
 import time
@@ -40,9 +44,61 @@ DEFAULT_MAX_UPLOAD_MB = 20.0
 @dataclass
 class ServeConfig:
     max_upload_bytes: int = int(DEFAULT_MAX_UPLOAD_MB * 1024 * 1024)
-    max_concurrent: int = 2  # simultaneous locate computations (the rest wait their turn)
+    max_concurrent: int = 2  # simultaneous locate computations
+    max_queue: int = 8  # requests waiting for a turn; more are answered 503 with Retry-After
     match_cache: int = 64  # recent queries whose match picture can still be drawn
+    match_side: int = 640  # longest side of the query image kept for the match picture (as JPEG)
     thumb_size: int = 160
+
+
+class _Admission:
+    """At most ``running`` locates at once and ``queue`` more waiting. :meth:`enter` admits a
+    request (None) or, when full, returns the seconds after which to retry, from the recent
+    service time and the queue ahead."""
+
+    def __init__(self, running: int, queue: int):
+        self.sem = threading.BoundedSemaphore(max(1, running))
+        self.running = max(1, running)
+        self.queue = max(0, queue)
+        self.lock = threading.Lock()
+        self.inside = 0  # running + waiting
+        self.service_s = 1.0  # moving average of one locate's seconds
+
+    def enter(self) -> int | None:
+        with self.lock:
+            if self.inside >= self.running + self.queue:
+                ahead = self.inside - self.running + 1  # the queue, and one turn for itself
+                return max(1, int(-(-ahead * self.service_s // self.running)))
+            self.inside += 1
+        return None
+
+    def leave(self, seconds: float | None = None) -> None:
+        with self.lock:
+            self.inside -= 1
+            if seconds is not None:
+                self.service_s = 0.8 * self.service_s + 0.2 * seconds
+
+
+def bound_memory() -> None:
+    """glibc: at most two malloc arenas, so the request threads do not each keep a heap of their
+    own; with :func:`_trim` after each request, freed memory goes back to the system. (A fixed
+    1 MB mmap threshold was tried as well: no lower RSS in sequential locates, and it risks
+    slower TensorFlow allocations, so it is not used.)"""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _trim() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _require_framework():
@@ -171,7 +227,7 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
         cfg.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
     geo = geolocator
     index = geo.index
-    sem = threading.BoundedSemaphore(max(1, cfg.max_concurrent))
+    admission = _Admission(cfg.max_concurrent, cfg.max_queue)
     matches = _MatchStore(cfg.match_cache)
     if preload_places:
         _load_places()
@@ -281,36 +337,51 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
 
     # -- locate ---------------------------------------------------------------------------------
     def _locate(data: bytes, name: str) -> tuple[dict, str]:
-        with sem:
-            t0 = time.perf_counter()
-            try:
-                img = load_image(data, max_side=geo.extractor.max_side)
-            except ImageLoadError as e:
-                reason = re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", e.reason)
-                raise HTTPException(415, f"not a readable image: {reason}") from None
-            feats = geo.extractor.extract(img)
-            pred = geo.locate_features(feats, name, extract_ms=(time.perf_counter() - t0) * 1e3)
+        from .extract import min_image_side
+        from .features import features_problem
+
+        retry = admission.enter()
+        if retry is not None:
+            raise HTTPException(503, f"busy: {admission.inside} photos are being located or waiting; retry in {retry} s",
+                                headers={"Retry-After": str(retry)})
+        seconds = None
+        try:
+            with admission.sem:
+                t0 = time.perf_counter()
+                try:
+                    img = load_image(data, max_side=geo.extractor.max_side, min_side=min_image_side(geo.extractor))
+                except ImageLoadError as e:
+                    raise HTTPException(415, f"not a readable image: {e.reason}") from None
+                feats = geo.extractor.extract(img)
+                why = features_problem(feats)
+                if why:
+                    raise HTTPException(415, f"not a usable image: {why}")
+                pred = geo.locate_features(feats, name, extract_ms=(time.perf_counter() - t0) * 1e3)
+                seconds = time.perf_counter() - t0
+        finally:
+            admission.leave(seconds)
         d = pred.to_dict()
         if not d.get("place"):  # a Geolocator made with places=False
             add_places(d)
-        small = img
-        if max(img.array.shape[:2]) > 960:
-            from PIL import Image
+        from PIL import Image
 
-            a = img.array
-            f = 960 / max(a.shape[:2])
-            arr = np.asarray(Image.fromarray(a).resize((max(1, round(a.shape[1] * f)), max(1, round(a.shape[0] * f))), Image.BILINEAR))
-            small = LoadedImage(arr, img.original_size, name)
+        small = Image.fromarray(img.array)
+        small.thumbnail((cfg.match_side, cfg.match_side))
+        buf = io.BytesIO()
+        small.save(buf, format="JPEG", quality=85)
         vc = geo.config.verify_config
         token = matches.put({
-            "image": small,
+            "jpeg": buf.getvalue(),  # small, so the cache stays a few MB
+            "original_size": img.original_size,
             "features": feats.__class__(
-                global_descriptor=feats.global_descriptor[:0], keypoints=feats.keypoints[: vc.max_features],
-                local_descriptors=feats.local_descriptors[: vc.max_features], scores=feats.scores[:0],
-                image_size=feats.image_size, model_id=feats.model_id),
+                global_descriptor=feats.global_descriptor[:0], keypoints=feats.keypoints[: vc.max_features].copy(),
+                local_descriptors=feats.local_descriptors[: vc.max_features].astype(np.float16),
+                scores=feats.scores[:0], image_size=feats.image_size, model_id=feats.model_id),
             "neighbour": int(pred.neighbour.id),
             "png": None,
         })
+        del img, feats
+        _trim()
         return d, token
 
     @app.post(
@@ -328,6 +399,8 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
             400: {"model": ErrorOut, "description": "empty upload"},
             413: {"model": ErrorOut, "description": "upload larger than the server's limit"},
             415: {"model": ErrorOut, "description": "not a readable image"},
+            503: {"model": ErrorOut, "description": "busy: the queue is full; retry after the Retry-After header's seconds",
+                  "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}},
         },
     )
     def api_locate(file: UploadFile = File(..., description="the photo (JPEG, PNG, WebP, ...)")):
@@ -386,8 +459,14 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
             npath = reference_path(index, nid)
             if npath is None:
                 raise HTTPException(404, f"the photo of reference {nid} is not on disk")
-            q_kp, n_kp, v = verify_against(geo, rec["features"], nid)
-            img = render_explain(rec["image"], npath, q_kp, n_kp, v.inlier_pairs)
+            f = rec["features"]
+            f = f.__class__(global_descriptor=f.global_descriptor, keypoints=f.keypoints,
+                            local_descriptors=f.local_descriptors.astype(np.float32), scores=f.scores,
+                            image_size=f.image_size, model_id=f.model_id)
+            q_kp, n_kp, v = verify_against(geo, f, nid)
+            small = load_image(rec["jpeg"])
+            img = render_explain(LoadedImage(small.array, rec["original_size"], "query"), npath, q_kp, n_kp,
+                                 v.inlier_pairs)
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             rec["png"] = buf.getvalue()
@@ -600,14 +679,16 @@ def warm_up(geolocator) -> None:
 
 def run_server(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model: str | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_concurrent: int = 2, log_level: str = "info",
-               device: str = "auto") -> None:
+               device: str = "auto", max_queue: int = 8) -> None:
     """Load the index and model once, then serve until interrupted."""
     _require_framework()
     import uvicorn
 
     from .locate import Geolocator
 
+    bound_memory()
     geo = Geolocator.from_index(index_dir, model=model, device=device)
     warm_up(geo)
-    app = create_app(geo, ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_concurrent=max_concurrent))
+    app = create_app(geo, ServeConfig(max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_concurrent=max_concurrent,
+                                      max_queue=max_queue))
     uvicorn.run(app, host=host, port=port, log_level=log_level)

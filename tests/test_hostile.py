@@ -509,3 +509,245 @@ def test_failed_build_on_bad_metadata_leaves_nothing(tmp_path, small_extractor):
     (index / ".building" / "state.json").write_text("{}")
     rep, _ = build(images, index, csv, small_extractor)
     assert rep.num_images == 2 and not (index / ".building").exists()
+
+
+# -- 5. --from-exif lists every file; HEIC is read with its GPS ---------------------------------------
+
+def _heic_from(jpg: Path, out: Path, side: int = 320) -> Path:
+    """A HEIC made (with pillow-heif) from a real photo, downsized, with its EXIF (GPS included)."""
+    from PIL import Image
+
+    import delg_geo.images  # noqa: F401 - registers the HEIF plugin
+
+    img = Image.open(jpg)
+    exif = img.info["exif"]
+    img.thumbnail((side, side))
+    img.save(out, format="HEIF", exif=exif, quality=70)
+    return out
+
+
+def test_heic_is_read_with_its_gps(tmp_path):
+    from delg_geo.exif import read_exif_gps
+    from delg_geo.images import load_image
+
+    src = lund(2)[1]
+    heic = _heic_from(src, tmp_path / "IMG_0001.HEIC")
+    assert heic.read_bytes()[4:12] == b"ftypheic"
+    assert read_exif_gps(heic) == pytest.approx(read_exif_gps(src), abs=1e-9)
+    img = load_image(heic, max_side=1024)
+    assert img.array.shape == (240, 320, 3) and img.original_size == (320, 240)
+
+
+def test_from_exif_lists_every_file_it_cannot_use(tmp_path, small_extractor):
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    src = lund(2)
+    shutil.copy(src[0], images / "01.jpg")
+    _heic_from(src[1], images / "02.heic")
+    photo = Image.open(src[0])
+    photo.save(images / "anim.gif")
+    photo.save(images / "scan.bmp")
+    (images / "empty.jpg").write_bytes(b"")
+    (images / "notes.txt").write_text("shot list")
+    Image.new("RGB", (1, 1), (90, 90, 90)).save(images / "pixel.jpg", exif=photo.info["exif"])  # GPS, 1x1
+    rep, _ = build(images, tmp_path / "index", None, small_extractor, from_exif=True)
+    why = {s["image"]: s["reason"] for s in rep.skipped}
+    assert rep.num_images == 2  # 01.jpg and 02.heic
+    assert why["anim.gif"] == "no EXIF GPS data (GIF image)"
+    assert why["scan.bmp"] == "no EXIF GPS data (BMP image)"
+    assert why["empty.jpg"] == "empty file (0 bytes)"
+    assert why["notes.txt"] == "not an image (no image format recognised)"
+    assert "image too small to describe (1x1 pixels" in why["pixel.jpg"]
+    # every file in the folder is indexed or listed: nothing silently lost
+    md = pd.read_csv(tmp_path / "index" / "metadata.csv")
+    assert sorted(md.image) == ["01.jpg", "02.heic"]
+    assert set(md.image) | set(why) == {p.name for p in images.iterdir()}
+    assert set(pd.read_csv(tmp_path / "index" / "skipped.csv").image) == set(why)
+    heic_row = md[md.image == "02.heic"].iloc[0]
+    assert (heic_row.width, heic_row.height) == (320, 240)
+
+
+# -- 6. clear messages ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", ["0", "-5"])
+def test_top_k_below_one_is_a_usage_error(tiny, capsys, k):
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--top-k", k)
+    assert code == 2 and out == "" and "Invalid value for '--top-k'" in _flat(err) and "greater than or equal to 1" in _flat(err)
+    from delg_geo.locate import LocateConfig
+
+    with pytest.raises(ValueError, match="top_k must be at least 1"):
+        LocateConfig(top_k=int(k))
+
+
+def test_empty_and_unsupported_files_are_named(tiny, tmp_path, capsys):
+    from delg_geo.errors import ImageLoadError
+    from delg_geo.images import load_image
+
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    code, out, err = run_cli(capsys, "query", empty, lund(1)[0], "--index", tiny["index"], "--top-k", "3")
+    assert code == 1 and f"{empty}: empty file (0 bytes)" in err and "BufferedReader" not in err
+    assert "01.jpg" in out  # the other photo is still answered
+    cases = {
+        b"%PDF-1.7\n%\xe2\xe3": "unsupported format: a PDF document",
+        b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00": "unsupported format: a video (MP4/MOV)",
+        b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00": "AVIF",
+        b"<svg xmlns='http://www.w3.org/2000/svg'/>": "unsupported format: an SVG drawing",
+    }
+    for head, msg in cases.items():
+        p = tmp_path / "photo.jpg"
+        p.write_bytes(head + b"\x00" * 64)
+        with pytest.raises(ImageLoadError) as e:
+            load_image(p)
+        assert msg in str(e.value), (head, str(e.value))
+
+
+def test_heic_without_the_plugin_is_named(tmp_path, monkeypatch):
+    import delg_geo.images as images
+
+    monkeypatch.setattr(images, "HEIF_SUPPORTED", False)
+    assert images._unidentified_reason(b"\x00\x00\x00\x1cftypheic\x00\x00\x00\x00") == (
+        "unsupported image format: HEIC/HEIF (pip install pillow-heif to read it)")
+
+
+def test_one_pixel_cap_one_message(tmp_path):
+    from PIL import Image
+
+    from delg_geo.errors import ImageLoadError
+    from delg_geo.images import DEFAULT_MAX_PIXELS, load_image
+
+    assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == 100_000_000
+    msgs = []
+    for side in (10_001, 15_000):  # just over the cap (this module's check), and over Pillow's 2x error
+        p = tmp_path / f"big{side}.png"
+        Image.new("1", (side, side)).save(p)
+        with pytest.raises(ImageLoadError) as e:
+            load_image(p)
+        msgs.append(e.value.reason)
+    assert msgs == [f"image too large ({n * n:,} pixels; the limit is 100,000,000 pixels)" for n in (10_001, 15_000)]
+    Image.new("1", (10_000, 10_000)).save(tmp_path / "ok.png")  # exactly at the cap: read
+    assert load_image(tmp_path / "ok.png", max_side=100).array.shape == (100, 100, 3)
+
+
+def test_index_built_with_a_model_folder_records_it(tmp_path):
+    sys.path.insert(0, str(REPO / "tests"))
+    from _delg_export import export_tiny_delg
+
+    from delg_geo.errors import ModelError
+    from delg_geo.locate import Geolocator
+    from delg_geo.models import get_extractor
+
+    model_dir = export_tiny_delg(tmp_path / "my_delg")
+    images, csv = _fake_collection(tmp_path, ["a.png", "b.png"])
+    rep, _ = build(images, tmp_path / "index", csv, get_extractor(str(model_dir)))
+    m = _manifest(tmp_path / "index")
+    assert rep.num_images == 2 and m["model_path"] == str(model_dir.resolve())
+    geo = Geolocator.from_index(tmp_path / "index")  # no --model needed: the manifest says where
+    assert geo.extractor.fingerprint == m["model_fingerprint"]
+    model_dir.rename(tmp_path / "moved")
+    with pytest.raises(ModelError, match=f"built with the SavedModel folder {re.escape(str(model_dir.resolve()))}.*pass --model PATH"):
+        Geolocator.from_index(tmp_path / "index")
+    assert Geolocator.from_index(tmp_path / "index", model=str(tmp_path / "moved")).extractor.fingerprint == m["model_fingerprint"]
+
+
+# -- 8. what a new user sees ------------------------------------------------------------------------------
+
+def test_query_prints_no_tensorflow_lines_and_names_the_place(tiny, tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "ABSL", "GRPC"))}
+    env["PYTHONPATH"] = str(REPO)
+    r = subprocess.run([sys.executable, "-m", "delg_geo.cli", "query", str(lund(1)[0]), "--index", str(tiny["index"]),
+                        "--top-k", "3"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    for noise in ("I0000", "E0000", "W0000", "oneDNN", "cudart", "cuInit", "absl::InitializeLog", "cpu_feature_guard"):
+        assert noise not in r.stderr, r.stderr
+    head, rule, row = r.stdout.splitlines()[:3]
+    assert head.split()[:4] == ["image", "lat", "lon", "place"] and "Lund, Skane, SE" in row
+
+
+# -- 7. the server under load ------------------------------------------------------------------------------
+
+def _jpeg_bytes(path: Path) -> bytes:
+    return Path(path).read_bytes()
+
+
+def test_full_queue_answers_503_with_retry_after(tiny, small_extractor):
+    import threading
+
+    from fastapi.testclient import TestClient
+
+    from delg_geo.index import GeoIndex
+    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.serve import ServeConfig, create_app
+
+    class Gated:
+        """The extractor, held at a gate so that one request stays inside."""
+
+        def __init__(self, inner):
+            self.inner, self.gate, self.inside = inner, threading.Event(), threading.Event()
+            for a in ("model_id", "fingerprint", "global_dim", "local_dim", "max_side"):
+                setattr(self, a, getattr(inner, a))
+
+        def extract(self, image):
+            self.inside.set()
+            assert self.gate.wait(60)
+            return self.inner.extract(image)
+
+    gated = Gated(small_extractor)
+    geo = Geolocator(GeoIndex(tiny["index"]), gated, LocateConfig(top_k=3, places=False))
+    client = TestClient(create_app(geo, ServeConfig(max_concurrent=1, max_queue=0), preload_places=False))
+    photo = _jpeg_bytes(lund(1)[0])
+    first: dict = {}
+    t = threading.Thread(target=lambda: first.update(r=client.post("/api/locate", files={"file": ("a.jpg", photo)})))
+    t.start()
+    assert gated.inside.wait(60)
+    busy = client.post("/api/locate", files={"file": ("b.jpg", photo)})
+    assert busy.status_code == 503 and int(busy.headers["Retry-After"]) >= 1 and "busy" in busy.json()["detail"]
+    gated.gate.set()
+    t.join(60)
+    assert first["r"].status_code == 200 and first["r"].json()["neighbour"]["image"] == "01.jpg"
+    again = client.post("/api/locate", files={"file": ("c.jpg", photo)})  # the slot was given back
+    assert again.status_code == 200 and again.json()["lat"] == first["r"].json()["lat"]
+    assert client.get(again.headers["x-match-image"]).headers["content-type"] == "image/png"
+
+
+def test_server_refuses_too_small_and_empty_uploads(tiny, small_extractor):
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from delg_geo.index import GeoIndex
+    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.serve import create_app
+
+    geo = Geolocator(GeoIndex(tiny["index"]), small_extractor, LocateConfig(top_k=3, places=False))
+    client = TestClient(create_app(geo, preload_places=False))
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, format="PNG")
+    r = client.post("/api/locate", files={"file": ("dot.png", buf.getvalue())})
+    assert r.status_code == 415 and "too small to describe (1x1 pixels" in r.json()["detail"]
+    r = client.post("/api/locate", files={"file": ("x.heic", b"\x00\x00\x00\x1cftypheic" + b"\x00" * 40)})
+    assert r.status_code == 415 and "not a readable image" in r.json()["detail"]
+
+
+@pytest.mark.benchmark
+def test_server_memory_stays_flat_over_rounds(tiny, tmp_path):
+    """tools/bench_serve.py: 4 rounds of 8 concurrent uploads, one of them 6000x6000, against the
+    tiny index: RSS grows at most 15 % after the first round, no errors."""
+    import subprocess
+
+    venice = shared_path("venice")
+    q = pd.read_csv(venice / "queries.csv").head(8)
+    pd.DataFrame({"path": [str(venice / p) for p in q.image]}).to_csv(tmp_path / "q.csv", index=False)
+    cmd = [sys.executable, str(REPO / "tools" / "bench_serve.py"), "--index", str(tiny["index"]), "--requests", "8",
+           "--concurrency", "8", "--rounds", "4", "--big", "--time-limit", "900", "--images", str(tmp_path / "q.csv")]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps(out, indent=2))
+    assert out["errors"] == 0 and out["ok"] + out["busy_503"] == 32
+    assert out["rss_growth_after_first_round"] <= 0.15

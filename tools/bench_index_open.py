@@ -6,7 +6,7 @@
 Times, in ms (median of ``--repeat`` runs, files in the page cache): opening the index with every
 check, and each check on its own (checksums of metadata.csv and the files up to 64 MB, metadata
 value ranges, the FAISS sample, the offsets) plus the per-candidate local-feature guard over 100
-candidates. ``--synthesize N`` writes an index of N images with realistic metadata, a 64-D flat
+candidates, against verifying the same 100 candidates in the same run (``guard_vs_verify``). ``--synthesize N`` writes an index of N images with realistic metadata, a 64-D flat
 FAISS index, 8 local features per image (sparse files) and a manifest with sizes and checksums:
 enough to time the checks at a size this machine cannot extract.
 """
@@ -59,6 +59,13 @@ def measure(index_dir: Path, repeat: int = 3) -> dict:
     ids = np.linspace(0, len(idx) - 1, min(100, len(idx))).astype(int)
     feats = [idx.local_features(int(i)) for i in ids]
     out["candidate_guard_100_ms"] = _ms(lambda: [idx.candidate_problem(int(i), *f) for i, f in zip(ids, feats)], repeat)
+    from delg_geo.verify import VerifyConfig, verify_pair
+
+    vc = VerifyConfig()
+    q = feats[len(feats) // 2]
+    out["verify_same_100_ms"] = _ms(lambda: [verify_pair(q[0], q[1], f[0], f[1], vc, idx.image_size(int(ids[0])),
+                                                         idx.image_size(int(i))) for i, f in zip(ids, feats)], repeat)
+    out["guard_vs_verify"] = round(out["candidate_guard_100_ms"] / max(out["verify_same_100_ms"], 1e-9), 4)
     out["verify_all_files_ms"] = _ms(
         lambda: [file_problem(index_dir, n, s, m.checksums.get(n), full=True) for n, s in m.files.items()], 1)
     return out

@@ -1,14 +1,18 @@
-"""Load test of `delg-geo serve`: latency percentiles and errors under concurrent uploads.
+"""Load test of `delg-geo serve`: latency, errors, busy answers and memory under concurrent uploads.
 
 Starts the server in this process on 127.0.0.1 (a free port) over the index given, sends a bounded
 number of concurrent ``POST /api/locate`` requests (bounded in time too), and prints one JSON
-object: p50/p95/max latency, throughput and the error count. Traffic stays on the loopback
-interface.
+object: p50/p95/max latency, throughput, the error count, and the 503 (busy, with Retry-After)
+count. Traffic stays on the loopback interface.
 
     python tools/bench_serve.py --index INDEX_DIR [--requests 40] [--concurrency 4] [--time-limit 120]
-                                [--images DIR_OR_CSV_OR_FILES ...]
+                                [--images DIR_OR_CSV_OR_FILES ...] [--rounds 5] [--big]
+                                [--max-concurrent 2] [--max-queue 8]
 
-Photos default to the index's own reference photos (metadata ``path``), in order, cycled.
+``--rounds R`` repeats the load R times and reports, per round, the latency p50/max and the
+process's resident memory (RSS, from /proc) after it, and the RSS growth after the first round.
+``--big`` adds one 6000x6000 JPEG upload to every round. Photos default to the index's own
+reference photos (metadata ``path``), in order, cycled.
 """
 
 from __future__ import annotations
@@ -73,16 +77,45 @@ def _multipart(data: bytes, filename: str) -> tuple[bytes, str]:
     return head + data + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def _start_server(index_dir: Path, port: int, max_concurrent: int, model: str | None):
+def _rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return float("nan")
+
+
+def _big_jpeg(photo: Path, side: int = 6000) -> bytes:
+    """A ``side`` x ``side`` JPEG made from a real photo (upscaled), as a phone's large upload."""
+    import io
+
+    from PIL import Image
+
+    img = Image.open(photo).convert("RGB").resize((side, side), Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+def _start_server(index_dir: Path, port: int, max_concurrent: int, model: str | None, max_queue: int = 8):
     import uvicorn
 
+    from delg_geo import serve
     from delg_geo.locate import Geolocator
     from delg_geo.serve import ServeConfig, create_app, warm_up
 
     t0 = time.perf_counter()
+    if hasattr(serve, "bound_memory"):  # as `delg-geo serve` does (older versions had none)
+        serve.bound_memory()
     geo = Geolocator.from_index(index_dir, model=model)
     warm_up(geo)
-    app = create_app(geo, ServeConfig(max_concurrent=max_concurrent))
+    try:
+        cfg = ServeConfig(max_concurrent=max_concurrent, max_queue=max_queue)
+    except TypeError:  # a version without a bounded queue: the baseline
+        cfg = ServeConfig(max_concurrent=max_concurrent)
+    app = create_app(geo, cfg)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     th = threading.Thread(target=srv.run, daemon=True)
     th.start()
@@ -95,34 +128,44 @@ def _start_server(index_dir: Path, port: int, max_concurrent: int, model: str | 
 
 def run(index_dir: Path, requests: int = 40, concurrency: int = 4, time_limit: float = 120.0,
         images: list[str] | None = None, max_concurrent: int = 2, model: str | None = None,
-        warmup_requests: int = 1) -> dict:
+        warmup_requests: int = 1, rounds: int = 1, big: bool = False, max_queue: int = 8) -> dict:
     requests = max(1, min(int(requests), MAX_REQUESTS))
     concurrency = max(1, min(int(concurrency), MAX_CONCURRENCY))
     time_limit = max(1.0, min(float(time_limit), MAX_TIME_S))
+    rounds = max(1, min(int(rounds), 50))
     photos = _photos(images or [], index_dir, limit=requests)
     bodies = [_multipart(p.read_bytes(), p.name) for p in photos]
+    big_body = _multipart(_big_jpeg(photos[0]), "big6000.jpg") if big else None
     port = _free_port()
-    srv, th, startup_s = _start_server(index_dir, port, max_concurrent, model)
+    srv, th, startup_s = _start_server(index_dir, port, max_concurrent, model, max_queue)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     errors: list[str] = []
+    busy: list[str] = []  # Retry-After values of 503 answers
     lock = threading.Lock()
     deadline = time.perf_counter() + time_limit
 
     def one(k: int, record: bool = True) -> None:
         if time.perf_counter() > deadline:
             return
-        body, ctype = bodies[k % len(bodies)]
+        body, ctype = big_body if (big_body is not None and k < 0) else bodies[k % len(bodies)]
         t = time.perf_counter()
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=max(5.0, deadline - t + 5))
             conn.request("POST", "/api/locate", body=body, headers={"Content-Type": ctype})
             resp = conn.getresponse()
             payload = resp.read()
+            retry_after = resp.getheader("Retry-After")
             conn.close()
             status = resp.status
             ok = status == 200 and "lat" in json.loads(payload)
             err = None if ok else f"HTTP {status}: {payload[:200]!r}"
+            if status == 503 and retry_after:  # busy: answered at once, with when to retry
+                if record:
+                    with lock:
+                        busy.append(retry_after)
+                        statuses["503"] = statuses.get("503", 0) + 1
+                return
         except Exception as e:  # noqa: BLE001
             status, err = "exception", f"{type(e).__name__}: {e}"
         dt = (time.perf_counter() - t) * 1e3
@@ -135,28 +178,50 @@ def run(index_dir: Path, requests: int = 40, concurrency: int = 4, time_limit: f
             else:
                 latencies.append(dt)
 
+    import numpy as np
+
+    per_round = []
     try:
         for k in range(max(0, warmup_requests)):
             one(k, record=False)
+        rss_start = _rss_mb()
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=concurrency) as pool:
-            list(pool.map(one, range(requests)))
+        for r in range(rounds):
+            n_before, b_before = len(latencies), len(busy)
+            t_r = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=concurrency) as pool:
+                ks = list(range(r * requests, (r + 1) * requests))
+                if big_body is not None:
+                    ks[0] = -1  # this round's 6000x6000 upload
+                list(pool.map(one, ks))
+            lat_r = np.array(latencies[n_before:]) if len(latencies) > n_before else np.array([np.nan])
+            per_round.append({
+                "round": r + 1, "ok": len(latencies) - n_before, "busy_503": len(busy) - b_before,
+                "p50_ms": round(float(np.nanpercentile(lat_r, 50)), 1), "max_ms": round(float(np.nanmax(lat_r)), 1),
+                "seconds": round(time.perf_counter() - t_r, 2), "rss_mb": _rss_mb(),
+            })
         wall = time.perf_counter() - t0
     finally:
         srv.should_exit = True
         th.join(30)
 
-    import numpy as np
-
     lat = np.array(latencies) if latencies else np.array([np.nan])
-    done = len(latencies) + len(errors)
+    done = len(latencies) + len(errors) + statuses.get("503", 0)
+    rss = [p["rss_mb"] for p in per_round]
     return {
         "index": str(index_dir),
-        "requests": requests,
+        "requests": requests * rounds,
+        "rounds": per_round,
+        "rss_start_mb": rss_start,
+        "rss_growth_after_first_round": round(max(rss[1:]) / rss[0] - 1, 4) if len(rss) > 1 else None,
+        "busy_503": len(busy),
+        "retry_after_s": sorted({int(v) for v in busy}) if busy else [],
+        "big_upload": bool(big),
+        "server_max_queue": max_queue,
         "completed": done,
         "ok": len(latencies),
         "errors": len(errors),
-        "not_sent_time_limit": requests - done,
+        "not_sent_time_limit": requests * rounds - done,
         "status_counts": statuses,
         "concurrency": concurrency,
         "server_max_concurrent": max_concurrent,
@@ -181,8 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-concurrent", type=int, default=2, help="the server's simultaneous locates")
     ap.add_argument("--images", nargs="*", default=[], help="photos: files, folders or a CSV (image/path column)")
     ap.add_argument("--model", default=None)
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the load this many times (RSS after each)")
+    ap.add_argument("--big", action="store_true", help="one 6000x6000 JPEG upload in every round")
+    ap.add_argument("--max-queue", type=int, default=8, help="the server's waiting requests before 503")
     args = ap.parse_args(argv)
-    res = run(args.index, args.requests, args.concurrency, args.time_limit, args.images, args.max_concurrent, args.model)
+    res = run(args.index, args.requests, args.concurrency, args.time_limit, args.images, args.max_concurrent, args.model,
+              rounds=args.rounds, big=args.big, max_queue=args.max_queue)
     print(json.dumps(res))
     return 0 if res["errors"] == 0 and res["ok"] > 0 else 1
 
