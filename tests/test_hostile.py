@@ -751,3 +751,32 @@ def test_server_memory_stays_flat_over_rounds(tiny, tmp_path):
     print(json.dumps(out, indent=2))
     assert out["errors"] == 0 and out["ok"] + out["busy_503"] == 32
     assert out["rss_growth_after_first_round"] <= 0.15
+
+
+def test_local_feature_guard_catches_every_kind_of_damage():
+    """The damage the issue found in a float16 store (format 1), on the arrays local_features returns."""
+    from delg_geo.features import l2_normalize
+    from delg_geo.integrity import local_features_problem
+
+    rng = np.random.default_rng(0)
+    kp = (rng.uniform(0, 1, (500, 2)) * [400, 300]).astype(np.float32)
+    desc = l2_normalize(rng.standard_normal((500, 112)).astype(np.float32), axis=1)
+    size = (400, 300)
+    assert local_features_problem(kp, desc, size) is None
+    assert local_features_problem(kp[:0], desc[:0], size) is None  # no features: nothing to check
+    nan_desc = desc.copy()
+    nan_desc[7] = np.nan
+    assert local_features_problem(kp, nan_desc, size) == "non-finite local descriptors"
+    random_desc = rng.random(desc.shape).astype(np.float32)  # random values, as in the issue
+    assert local_features_problem(kp, random_desc, size).startswith("local descriptor norms")
+    assert local_features_problem(kp, np.full_like(desc, 6e4), size).startswith("local descriptor norms 6.35e+05")
+    assert local_features_problem(kp, np.full_like(desc, 1e30), size) == "non-finite local descriptors"  # overflows
+    assert local_features_problem(kp, np.zeros_like(desc), size).startswith("local descriptor norms")
+    assert local_features_problem(np.full_like(kp, 1e30), desc, size) == "keypoints outside the 400x300 image"
+    nan_kp = kp.copy()
+    nan_kp[3, 1] = np.nan
+    assert local_features_problem(nan_kp, desc, size) == "non-finite keypoints"
+    assert local_features_problem(kp[:10], desc, size) == "10 keypoints but 500 descriptors"
+    # the norm reference is the index's own: binarised (+-1) descriptors are not damage
+    signs = np.sign(rng.standard_normal((500, 112))).astype(np.float32)
+    assert local_features_problem(kp, signs, size, norm_ref=float(np.sqrt(112))) is None
