@@ -73,6 +73,11 @@ class BuildReport:
         return d
 
 
+def _where(row, image) -> str:
+    """How a log line names a skipped input: its metadata row when it has one, and its file."""
+    return f"row {row}: {image}" if row is not None else str(image)
+
+
 def _state_path(index_dir: Path) -> Path:
     return index_dir / BUILDING / "state.json"
 
@@ -324,7 +329,7 @@ def build_index(
     _kill_point("state")
     skipped = [dict(row=s.row, image=s.image, reason=s.reason) for s in skipped_rows]
     for s in skipped_rows:
-        log(f"skipped row {s.row}: {s.image}: {s.reason}")
+        log(f"skipped {_where(s.row, s.image)}: {s.reason}")
 
     existing_keys = set(existing["metadata"]["path"]) if existing is not None else set()
     new_records = []
@@ -352,7 +357,7 @@ def build_index(
 
     def record_failure(key: str, reason: str) -> None:
         rec = by_key[key]
-        log(f"skipped row {rec.row}: {reason}")
+        log(f"skipped {_where(rec.row, rec.image)}: {reason}")
         entry = dict(key=key, row=rec.row, image=rec.image, reason=reason)
         with open(failed_file, "a") as f:
             f.write("\n" + json.dumps(entry) + "\n")  # a line cut by a kill stays alone
