@@ -11,6 +11,11 @@ Methods (rows of the report):
 * ``oracle``     the reference photo nearest to the truth: the best any retrieval can do
 * ``centroid``   the collection's centroid: the floor
 
+With ``verified`` the report also says whether its ``confidence`` means what it says
+(:mod:`delg_geo.reliability`): a calibration table, the expected calibration error, the
+precision and coverage of answers above 0.5 and 0.8, and ``reliability.png`` beside
+``error_cdf.png``.
+
 Query features are extracted once (batched) and shared by the DELG-based methods; each
 method's ``seconds`` counts that shared extraction plus its own work. The first stage (extract,
 search, verify: :func:`query_candidates`) runs over shards of queries, so memory stays bounded
@@ -380,9 +385,30 @@ def run_bench(
         if m in country_acc:
             d["country_accuracy"] = country_acc[m]
         summary["methods"][m] = d
+    reliability = None
+    if "verified" in methods:
+        from .reliability import reliability_report
+
+        conf = np.array(preds["verified"], dtype=np.float64).reshape(-1, 5)[:, 3]
+        radius = geo.confidence_radius_km
+        reliability = reliability_report(conf, errors_by_method["verified"] <= radius, radius)
+        summary["calibration"] = dict(method="verified", calibrated=geo.calibration is not None,
+                                      rule=geo.rule.to_dict(), **reliability.to_dict())
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
     table = format_table(summaries, cfg.radii_km)
     lines = [f"# delg-geo benchmark: {n} queries", "", table, ""]
+    if reliability is not None:
+        from .calibrate import format_radius
+        from .reliability import format_reliability, reliability_png
+
+        state = ("fitted on the index's own photos" if geo.calibration is not None
+                 else "the index has no calibration: this is an uncalibrated score")
+        lines += [format_reliability(reliability, "verified", state).rstrip("\n"), ""]
+        reliability_png(conf, errors_by_method["verified"] <= radius, out_dir / "reliability.png", radius,
+                        title=f"verified: within {format_radius(radius)}")
+        lines += ["![error CDF](error_cdf.png) ![reliability](reliability.png)", ""]
+    else:
+        lines += ["![error CDF](error_cdf.png)", ""]
     if country_acc:
         lines += ["Country accuracy (same country code as the truth): "
                   + ", ".join(f"{m} {v:.1%}" for m, v in country_acc.items()), ""]

@@ -119,7 +119,8 @@ def extract(
         raise typer.Exit(1)
 
 
-def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None, keep_raw=False):
+def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None, keep_raw=False,
+           confidence_radius_km=None, calibrate=None):
     from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
@@ -134,7 +135,8 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
         images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,
         overwrite=overwrite, allow_outside=allow_outside,
         options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out,
-                             compact=CompactOptions(keep_raw=keep_raw)), ray=ray, log=log,
+                             compact=CompactOptions(keep_raw=keep_raw), confidence_radius_km=confidence_radius_km,
+                             calibrate=calibrate), ray=ray, log=log,
     )
     d = rep.to_dict()
     if json_out:
@@ -171,11 +173,19 @@ def index_build(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
     keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the model's float32 global descriptors (5 KB an image)."),
+    confidence_radius_km: Optional[float] = typer.Option(
+        None, "--confidence-radius-km", help="Confidence = probability of being within this radius (default 0.1)."),
+    calibrate: Optional[bool] = typer.Option(
+        None, "--calibrate/--no-calibrate",
+        help="Fit the confidence on the collection after building (default: from 200 images up)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
     """Index a geotagged image collection (compact: about 27 KB an image)."""
+    if confidence_radius_km is not None and not confidence_radius_km > 0:
+        raise DelgGeoError(f"--confidence-radius-km must be positive, got {confidence_radius_km}")
     ray = _ray_options(use_ray, ray_address, workers)
-    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw)
+    _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out,
+           add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate)
 
 
 def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
@@ -234,6 +244,36 @@ def index_compact(
         _emit_json(d)
     else:
         typer.echo(f"compact index {out}: {m.num_images} images, {size / m.num_images / 1024:.1f} KB an image")
+
+
+@index_app.command("calibrate")
+def index_calibrate(
+    index: Optional[Path] = _IDX,
+    sample: int = typer.Option(1000, "--sample", help="How many of the index's own photos to locate against the rest."),
+    radius_km: Optional[float] = typer.Option(None, "--confidence-radius-km",
+                                              help="Radius the confidence is about (default: the manifest's, 0.1)."),
+    top_k: int = typer.Option(100, "--top-k", "-k", help="Candidates verified per photo, as a query does."),
+    no_tune: bool = typer.Option(False, "--no-tune", help="Keep the default decision rule; fit only the confidence."),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
+):
+    """Fit the confidence (and the decision rule) on the index's own photos."""
+    from .calibrate import calibrate_index
+
+    index = _index_or_env(index)
+    cal = calibrate_index(index, sample=sample, radius_km=radius_km, top_k=top_k, tune=not no_tune, seed=seed,
+                          progress=not json_out, log=None if json_out else (lambda m: typer.echo(m, err=True)))
+    if json_out:
+        _emit_json(cal.to_dict())
+        return
+    s = cal.stats
+    r = cal.rule
+    typer.echo(
+        f"calibration of {index}: {s['sample']} self-queries, {s['accuracy']:.1%} within {cal.radius_km * 1000:g} m; "
+        f"rule min_inliers={r.min_inliers} base_inliers={r.base_inliers} vote_radius_km={r.vote_radius_km:g}; "
+        f"cross-validated ECE {s['cv_ece']:.3f}, confidence >= 0.5: {s['cv_coverage_at_0_5']:.1%} of photos, "
+        f"{s['cv_precision_at_0_5']:.1%} right"
+    )
 
 
 @index_app.command("info")
@@ -348,18 +388,22 @@ def query(
 
 
 def _table(preds) -> str:
-    head = ["image", "lat", "lon", "place", "method", "conf", "inliers", "neighbour", "extract/search/verify ms"]
+    head = ["image", "lat", "lon", "place", "method", "confidence", "inliers", "neighbour", "extract/search/verify ms"]
     lines = []
     for p in preds:
         t = p.timings_ms
         place = ", ".join(str(p.place[k]) for k in ("name", "admin1", "country_code") if (p.place or {}).get(k)) or "-"
         lines.append([
-            Path(p.image).name, f"{p.lat:.6f}", f"{p.lon:.6f}", place, p.method, f"{p.confidence:.2f}", str(p.inliers),
+            Path(p.image).name, f"{p.lat:.6f}", f"{p.lon:.6f}", place, p.method,
+            p.confidence_text if p.calibrated else f"{p.confidence:.2f} (uncalibrated)", str(p.inliers),
             Path(p.neighbour.image).name, f"{t['extract']:.0f}/{t['search']:.1f}/{t['verify']:.0f}",
         ])
     widths = [max(len(h), *(len(r[i]) for r in lines)) for i, h in enumerate(head)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*head), fmt.format(*["-" * w for w in widths])] + [fmt.format(*r) for r in lines]
+    if any(not p.calibrated for p in preds):
+        out.append("note: the index has no calibration, so confidence is a score, not a probability; "
+                   "fit one with `delg-geo index calibrate`")
     for p in preds:
         if p.note:
             out.append(f"note: {Path(p.image).name}: {p.note}")

@@ -69,6 +69,9 @@ class Manifest:
     format_version: int = 1  # a manifest without the field is format 1
     search: dict = field(default_factory=dict)  # the global index: type and parameters
     local: dict = field(default_factory=dict)  # the local store: codec, features per image
+    # ``confidence`` is the probability of being within this radius of the truth (calibrate.py)
+    confidence_radius_km: float = 0.1
+    calibration: dict = field(default_factory=dict)  # calibration.json: size, rule, fit summary
 
     @property
     def num_skipped(self) -> int:

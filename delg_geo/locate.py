@@ -34,6 +34,7 @@ from .images import LoadedImage, load_image
 from .index import GeoIndex
 from .search import search
 from .verify import VerifyConfig, verify_pair
+from .decision import DecisionRule, decide_candidates, evidence_at, vote_verified  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class LocateConfig:
     num_alternatives: int = 5
     workers: int = 2  # verification threads
     places: bool = True  # attach the nearest place name (offline reverse geocoding)
+    calibrated: bool = True  # use the index's calibration (decision rule and confidence) when it has one
 
     def __post_init__(self):
         if int(self.top_k) < 1:
@@ -84,13 +86,16 @@ class Prediction:
     lat: float
     lon: float
     method: str  # "verified" or "global"
-    confidence: float  # 0..1
+    confidence: float  # 0..1: probability of being within confidence_radius_km (when calibrated)
     inliers: int
     neighbour: Neighbour
     alternatives: list[Alternative]
     timings_ms: dict
     note: str = ""
     place: dict | None = None  # nearest named place: name, admin1, country_code
+    confidence_radius_km: float = 0.1
+    calibrated: bool = False  # False: confidence is an uncalibrated score (the index has no calibration)
+    confidence_text: str = ""  # the confidence in words, e.g. "likely within 100 m: 83%"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -99,38 +104,6 @@ class Prediction:
 def _confidence(inliers: int, min_inliers: int) -> float:
     """Inlier count -> 0..1; reaches 0.5 at the verification threshold."""
     return float(inliers / (inliers + min_inliers)) if inliers > 0 else 0.0
-
-
-def vote_verified(
-    lats: np.ndarray,
-    lons: np.ndarray,
-    sims: np.ndarray,
-    inliers: np.ndarray,
-    min_inliers: int,
-    base_inliers: int,
-    radius_km: float,
-) -> tuple[int, np.ndarray]:
-    """The verified-neighbour vote over one query's candidates.
-
-    Returns ``(best, order)``: the index of the answering candidate, and all candidate indices
-    best-first. Each candidate's support is the sum, over candidates within ``radius_km`` of it,
-    of ``max(inliers - base_inliers, 0)``; only places where some candidate reaches
-    ``min_inliers`` can win, and the answer is the best-verified photo of the winning place.
-    The caller checks that at least one candidate reaches ``min_inliers``.
-    """
-    sims = np.asarray(sims, np.float64)
-    inliers = np.asarray(inliers)
-    w = np.maximum(inliers - base_inliers, 0).astype(np.float64)
-    near = haversine_km(lats[:, None], lons[:, None], lats[None, :], lons[None, :]) <= radius_km
-    support = near.astype(np.float64) @ w
-    # only places that at least one candidate verifies on its own can win
-    support = np.where(near[:, inliers >= min_inliers].any(axis=1), support, -1.0)
-    ranking = np.lexsort((-sims, -inliers, -support))
-    members = np.flatnonzero(near[int(ranking[0])])
-    best = int(members[np.lexsort((-sims[members], -inliers[members]))[0]])
-    order = np.concatenate([[best], ranking])
-    order = order[np.sort(np.unique(order, return_index=True)[1])]
-    return best, order
 
 
 class Geolocator:
@@ -144,6 +117,14 @@ class Geolocator:
         from .knn import default_sigma_km
 
         self.knn_sigma_km = self.config.knn_sigma_km or default_sigma_km(index.lats, index.lons)
+        from .calibrate import load_index_calibration
+
+        vc = self.config.verify_config
+        self.calibration = load_index_calibration(index) if self.config.calibrated else None
+        self.rule = (self.calibration.rule if self.calibration
+                     else DecisionRule(vc.min_inliers, self.config.vote_base_inliers, self.config.vote_radius_km))
+        self.confidence_radius_km = float(self.calibration.radius_km if self.calibration
+                                          else index.manifest.confidence_radius_km)
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.workers))
 
     @classmethod
@@ -245,14 +226,17 @@ class Geolocator:
                 return -1
             return verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, self.index.image_size(int(i))).inliers
 
-        return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
+        from .runtime import single_threaded_blas
+
+        with single_threaded_blas():  # one BLAS thread per verification thread (runtime.py: 5x faster under load)
+            return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
 
     # -- decision ---------------------------------------------------------------------------
     def decide(self, label, ids, sims, inliers, timings=None) -> Prediction:
         """The answer for one query from its candidates (ids, similarities, inliers)."""
         timings = timings or {}
         cfg = self.config
-        vc = cfg.verify_config
+        rule = self.rule
         md = self.index.metadata
         ids, sims, inliers = np.asarray(ids), np.asarray(sims), np.asarray(inliers)
         if len(ids) == 0:
@@ -271,39 +255,30 @@ class Geolocator:
             ids, sims, inliers = ids[keep], sims[keep], inliers[keep]
             if len(ids) == 0:
                 raise IndexFormatError(f"damaged index {self.index.path}: every candidate was damaged; {damage_note}")
-        verified = cfg.verify and inliers.max(initial=0) >= vc.min_inliers
+        sims = sims.astype(np.float64)
         lats_c = self.index.lats[ids]
         lons_c = self.index.lons[ids]
-        if verified:
-            best, order = vote_verified(lats_c, lons_c, sims, inliers, vc.min_inliers,
-                                        cfg.vote_base_inliers, cfg.vote_radius_km)
-            bid = int(ids[best])
-            lat, lon = float(self.index.lats[bid]), float(self.index.lons[bid])
-            conf = _confidence(int(inliers[best]), vc.min_inliers)
-            method, note = "verified", ""
-        else:
-            order = np.argsort(-sims, kind="stable")
-            method = "global"
-            why = (
-                f"no candidate reached {vc.min_inliers} inliers (best {int(inliers.max(initial=0))})"
-                if cfg.verify
-                else "verification disabled"
-            )
-            if cfg.verify and cfg.fallback == "knn" and len(ids) > 1:
-                from .knn import knn_vote
+        d = decide_candidates(lats_c, lons_c, sims, inliers, rule, verify=cfg.verify, fallback=cfg.fallback,
+                              knn_sigma_km=self.knn_sigma_km)
+        best, order, lat, lon, verified = d.best, d.order, d.lat, d.lon, d.verified
+        bid = int(ids[best])
+        method, note = ("verified", "") if verified else ("global", "")
+        if not verified:
+            why = (f"no candidate reached {rule.min_inliers} inliers (best {int(inliers.max(initial=0))})"
+                   if cfg.verify else "verification disabled")
+            how = (f"a kernel-density vote over the global top-{len(ids)}" if np.isfinite(d.knn_score)
+                   else "the global top-1")
+            note = f"{why}; answered with {how}"
 
-                lat, lon, score = knn_vote(lats_c, lons_c, sims, self.knn_sigma_km)
-                d = haversine_km(lats_c, lons_c, lat, lon)
-                best = int(np.argmin(d))  # the candidate nearest the voted position
-                order = np.concatenate([[best], order[order != best]])
-                note = f"{why}; answered with a kernel-density vote over the global top-{len(ids)}"
-                conf = float(max(0.0, sims[best]) * 0.5 * score)
-            else:
-                best = int(order[0])
-                lat, lon = float(lats_c[best]), float(lons_c[best])
-                note = f"{why}; answered with the global top-1"
-                conf = float(max(0.0, sims[best]) * 0.5)  # global-only answers never claim more than 0.5
-            bid = int(ids[best])
+        def score(j: int, plat: float, plon: float, is_verified: bool, knn_score: float = float("nan")) -> float:
+            if self.calibration is not None:
+                ev = evidence_at(plat, plon, lats_c, lons_c, sims, inliers, rule, self.calibration.radius_km, is_verified)
+                return float(self.calibration.confidence(ev)[0])
+            if verified:  # uncalibrated: inliers / (inliers + min_inliers), global answers at most 0.5
+                return _confidence(int(inliers[j]), rule.min_inliers)
+            return float(max(0.0, sims[j]) * 0.5 * (knn_score if np.isfinite(knn_score) else 1.0))
+
+        conf = score(best, lat, lon, verified, d.knn_score)
         neighbour = Neighbour(bid, str(md.at[bid, "image"]), float(self.index.lats[bid]), float(self.index.lons[bid]),
                               float(sims[best]), int(inliers[best]))
         alts: list[Alternative] = []
@@ -313,19 +288,23 @@ class Geolocator:
                 break
             cid = int(ids[j])
             clat, clon = float(self.index.lats[cid]), float(self.index.lons[cid])
-            d = haversine_km(np.array([clat] * len(shown)), np.array([clon] * len(shown)),
-                             np.array([s[0] for s in shown]), np.array([s[1] for s in shown]))
-            if np.min(d) < cfg.distinct_km:
+            dist = haversine_km(np.array([clat] * len(shown)), np.array([clon] * len(shown)),
+                                np.array([s[0] for s in shown]), np.array([s[1] for s in shown]))
+            if np.min(dist) < cfg.distinct_km:
                 continue
             shown.append((clat, clon))
-            score = _confidence(int(inliers[j]), vc.min_inliers) if verified else float(max(0.0, sims[j]) * 0.5)
-            alts.append(Alternative(cid, str(md.at[cid, "image"]), clat, clon, round(score, 4), int(inliers[j]),
-                                    float(sims[j]), float(d[0])))
+            s = score(int(j), clat, clon, bool(verified and inliers[j] >= rule.min_inliers))
+            alts.append(Alternative(cid, str(md.at[cid, "image"]), clat, clon, round(s, 4), int(inliers[j]),
+                                    float(sims[j]), float(dist[0])))
         pred = Prediction(
             image=str(label), lat=lat, lon=lon, method=method, confidence=round(conf, 4),
             inliers=int(inliers[best]), neighbour=neighbour, alternatives=alts, timings_ms=timings,
             note="; ".join(n for n in (note, damage_note) if n),
+            confidence_radius_km=self.confidence_radius_km, calibrated=self.calibration is not None,
         )
+        from .calibrate import confidence_sentence
+
+        pred.confidence_text = confidence_sentence(pred.confidence, pred.confidence_radius_km, pred.calibrated)
         if cfg.places:
             from .places import place_dicts
 

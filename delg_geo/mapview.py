@@ -283,7 +283,7 @@ _PRED_JS = """
     }
     var m = L.marker([p.lat, p.lon], {icon: dgPin('pred', 'predicted location'), zIndexOffset: 1000})
       .bindPopup(popup('Predicted: ' + (p.place || ''), {thumb: n.thumb, image: 'neighbour ' + n.image, lat: p.lat, lon: p.lon},
-                       dgEsc(p.method) + ', confidence ' + (100 * p.confidence).toFixed(0) + '%, ' + p.inliers + ' inliers'))
+                       dgEsc(p.method) + ', ' + dgEsc(p.confidence_text) + ', ' + p.inliers + ' inliers'))
       .addTo(g);
     all = all.concat(pts);
     groups.push({group: g, marker: m, pts: pts});
@@ -343,6 +343,7 @@ def prediction_map_html(predictions: Iterable, index, title: str | None = None, 
         rec = {
             "image": str(d.get("image", "")), "lat": float(d["lat"]), "lon": float(d["lon"]),
             "method": d.get("method", ""), "confidence": float(d.get("confidence", 0.0)),
+            "confidence_text": str(d.get("confidence_text") or f"confidence {100 * float(d.get('confidence', 0.0)):.0f}%"),
             "inliers": int(d.get("inliers", 0)), "place": label(d.get("place")), "neighbour": n,
             "alternatives": alts, "note": d.get("note", ""),
         }
@@ -356,7 +357,7 @@ def prediction_map_html(predictions: Iterable, index, title: str | None = None, 
             f'<div class="dg-q" data-k="{k}"><div class="dg-small">{html.escape(Path(rec["image"]).name or rec["image"])}</div>'
             f"{q_img}<div class=\"dg-place\">{html.escape(rec['place'] or 'unknown place')}</div>"
             f"<div>{rec['lat']:.6f}, {rec['lon']:.6f}</div>"
-            f"<div class=\"dg-small\">{html.escape(rec['method'])}, confidence {100 * rec['confidence']:.0f}%, "
+            f"<div class=\"dg-small\">{html.escape(rec['method'])}, {html.escape(rec['confidence_text'])}, "
             f"{rec['inliers']} inliers{(' — ' + html.escape(rec['note'])) if rec['note'] else ''}</div></div>"
         )
     title = title or ("Where was this photo taken?" if len(out) == 1 else f"{len(out)} located photos")

@@ -271,6 +271,9 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
         timings_ms: dict[str, float]
         note: str
         place: PlaceOut
+        confidence_radius_km: float = Field(description="confidence is the probability of being this close to the truth")
+        calibrated: bool = Field(description="false: the index has no calibration and confidence is only a score")
+        confidence_text: str = Field(description="the confidence in words, e.g. 'likely within 100 m: 83%'")
 
     class ErrorOut(BaseModel):
         detail: str
@@ -584,7 +587,7 @@ h2 { font-size: 14px; margin: 14px 0 4px; }
     var pc = Math.round(100 * pred.confidence);
     $('dg-conf-bar').style.width = pc + '%%';
     $('dg-conf-bar').style.background = pred.method === 'verified' ? '#2ca02c' : '#ff7f0e';
-    $('dg-conf').textContent = 'confidence ' + pc + '%% \\u00b7 ' + (pred.method === 'verified' ? 'geometrically verified' : 'global similarity only') +
+    $('dg-conf').textContent = (pred.confidence_text || ('confidence ' + pc + '%%')) + ' \\u00b7 ' + (pred.method === 'verified' ? 'geometrically verified' : 'global similarity only') +
       ' \\u00b7 ' + pred.inliers + ' inliers \\u00b7 ' + Math.round(pred.timings_ms.extract + pred.timings_ms.search + pred.timings_ms.verify) + ' ms';
     $('dg-note').textContent = pred.note || '';
     var ul = $('dg-matches');

@@ -49,6 +49,12 @@ class BuildOptions:
         from dataclasses import replace
 
         return replace(self.compact, index_type=self.index_type)
+    # confidence = probability of being within this radius; None: 0.1 km, or what the index had
+    confidence_radius_km: float | None = None
+    # fit the confidence on the collection once the index is written (delg_geo.calibrate);
+    # None: when the index holds at least calibrate.MIN_IMAGES photos
+    calibrate: bool | None = None
+    calibrate_sample: int = 1000
 
 
 @dataclass
@@ -61,6 +67,7 @@ class BuildReport:
     seconds: float = 0.0
     extract_seconds: float = 0.0
     ray: dict | None = None  # how Ray ran the extraction (index_builder/ray_build.py), when it did
+    calibration: dict | None = None  # the fitted calibration's summary, when one was fitted
 
     @property
     def images_per_s(self) -> float:
@@ -413,12 +420,38 @@ def build_index(
     # assembled in the metadata's order, whichever order the parts were written in (Ray, resumes)
     position = {k: i for i, (k, _) in enumerate(new_records)}
     parts.sort(key=lambda p: position.get(str(p["keys"][0]), -1))
+    old_radius = read_manifest(index_dir).confidence_radius_km if existing is not None else None
     _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped, opts, state, fmt, metadata, from_exif,
               allow_outside, log=log)
+    radius = opts.confidence_radius_km or old_radius
+    if radius:  # the radius the confidence is about: as asked, else as the index had it
+        from delg_geo.calibrate import set_confidence_radius
+
+        set_confidence_radius(index_dir, radius)
     m = read_manifest(index_dir)
+    calibration = _calibrate(index_dir, m.num_images, opts, log)
     return BuildReport(
-        str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds, ray_info
+        str(index_dir), m.num_images, added, resumed, skipped, time.perf_counter() - t_start, extract_seconds, ray_info,
+        calibration,
     )
+
+
+def _calibrate(index_dir: Path, n: int, opts: BuildOptions, log) -> dict | None:
+    """The optional last stage: fit the confidence on the finished index's own photos. The index
+    is whole without it, so a failure is reported, not raised."""
+    from delg_geo.calibrate import MIN_IMAGES, calibrate_index
+
+    if opts.calibrate is False or (opts.calibrate is None and n < MIN_IMAGES):
+        if opts.calibrate is None:
+            log(f"not calibrated: {n} images, fewer than the {MIN_IMAGES} needed "
+                "(`delg-geo index calibrate` fits it anyway)")
+        return None
+    try:
+        cal = calibrate_index(index_dir, sample=opts.calibrate_sample, progress=opts.progress, log=log)
+    except DelgGeoError as e:
+        log(f"not calibrated: {e}")
+        return None
+    return dict(radius_km=cal.radius_km, rule=cal.rule.to_dict(), **cal.stats)
 
 
 def part_loader(path: Path, row_of, keep_key=None):

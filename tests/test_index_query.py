@@ -265,7 +265,16 @@ def test_bench_report_on_real_queries(built, tmp_path):
     assert rep["recall_at_k"][1] == pytest.approx(acc["global"])
     assert rep["recall_at_k"][30] >= rep["recall_at_k"][1]
     assert rep["cross_validation"]["default_accuracy"] == pytest.approx(acc["verified"])
-    assert "| verified" in (out / "summary.md").read_text()
+    md_text = (out / "summary.md").read_text()
+    assert "| verified" in md_text
+    # the confidence report: this index has no calibration, and the report says so
+    cal = summary["calibration"]
+    assert cal["method"] == "verified" and cal["calibrated"] is False and cal["radius_km"] == 0.1
+    assert cal["n"] == N_QUERY and sum(b["n"] for b in cal["bins"]) == N_QUERY and 0 <= cal["ece"] <= 1
+    assert cal["accuracy"] == pytest.approx(acc["verified"])
+    assert set(cal["precision_at"]) == set(cal["coverage_at"]) == {"0.5", "0.8"}
+    assert "Calibration of `verified`" in md_text and "uncalibrated score" in md_text
+    assert "![reliability](reliability.png)" in md_text and (out / "reliability.png").stat().st_size > 5000
     assert (built["index_dir"] / "classifier" / "classifier.json").exists()
 
 
@@ -307,3 +316,101 @@ def test_cli_extract_json(tmp_path):
     d = json.loads(res.stdout.strip().splitlines()[-1])
     assert d["model"] == "efficientnet-lite0" and d["global_dim"] == 1280 and d["local_dim"] == 112
     assert 500 <= d["num_local"] <= 1000 and d["seconds"] > 0
+
+
+def test_calibration_on_real_photos(built, tmp_path, lite_extractor):
+    """Fit the confidence on the subset's own photos, then use it on the real queries."""
+    from delg_geo.calibrate import CALIBRATION_FILE, Calibration, pinned_geotags, photo_keys
+    from delg_geo.decision import EVIDENCE, EVIDENCE_SIGNS
+    from delg_geo.locate import Geolocator, LocateConfig
+
+    index_dir = tmp_path / "venice"
+    shutil.copytree(built["index_dir"], index_dir)
+    idx = GeoIndex(index_dir)
+    eligible = int((~pinned_geotags(idx.lats, idx.lons, photo_keys(idx.metadata))).sum())
+    assert 60 <= eligible < N_REF  # the subset holds photos sharing a pinned position, which are not sampled
+    cal = __import__("delg_geo.calibrate", fromlist=["x"]).calibrate_index(index_dir, sample=N_REF, top_k=30)
+    s = cal.stats
+    assert s["sample"] == eligible and 0.1 < s["accuracy"] < 0.95
+    m = read_manifest(index_dir)
+    assert m.confidence_radius_km == 0.1 and m.calibration["file"] == CALIBRATION_FILE
+    assert m.calibration["size"] == (index_dir / CALIBRATION_FILE).stat().st_size
+    on_disk = json.loads((index_dir / CALIBRATION_FILE).read_text())
+    assert on_disk["evidence"] == list(EVIDENCE) and on_disk["rule"] == cal.rule.to_dict()
+    assert Calibration.load(index_dir / CALIBRATION_FILE).rule == cal.rule
+    # out of fold, the confidence tracks the observed rate on the collection
+    assert s["cv_ece"] < 0.2
+    # the map is monotone in each piece of evidence, the way its sign says
+    rng = np.random.default_rng(0)
+    base = np.column_stack([rng.integers(0, 2, 50), rng.uniform(0, 5, (50, 3)), rng.uniform(0, 1, (50, 2))])
+    for j, sign in enumerate(EVIDENCE_SIGNS):
+        lo, hi = base.copy(), base.copy()
+        hi[:, j] += 1.0
+        assert np.all(sign * (cal.confidence(hi) - cal.confidence(lo)) >= -1e-9), EVIDENCE[j]
+    # a query now gets a probability, in words, and the real queries' answers bear it out
+    geo = Geolocator.from_index(index_dir, config=LocateConfig(top_k=30))
+    assert geo.calibration is not None and geo.rule == cal.rule
+    q = built["queries"]
+    preds = list(geo.locate_many([str(built["venice"] / p) for p in q.image]))
+    right = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds]), np.array([p.lon for p in preds])) <= 0.1
+    conf = np.array([p.confidence for p in preds])
+    assert all(p.calibrated and p.confidence_text.endswith(f"within 100 m: {p.confidence:.0%}") for p in preds)
+    print("queries: mean confidence", conf.mean().round(3), "fraction right", right.mean().round(3))
+    assert abs(conf.mean() - right.mean()) < 0.25
+    # the uncalibrated index still answers with a score, and says that it is one
+    plain = Geolocator.from_index(built["index_dir"], config=LocateConfig(top_k=30))
+    assert plain.calibration is None
+    # an index changed after calibrating (here: its manifest's update time) ignores the stale file
+    mj = json.loads((index_dir / "manifest.json").read_text())
+    mj["updated"] = "2000-01-01T00:00:00+00:00"
+    (index_dir / "manifest.json").write_text(json.dumps(mj))
+    assert Geolocator(GeoIndex(index_dir), geo.extractor).calibration is None
+
+
+def test_cli_calibrate_json_and_sentence(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from delg_geo.cli import app
+
+    index_dir = tmp_path / "venice"
+    shutil.copytree(built["index_dir"], index_dir)
+    runner = CliRunner()
+    img = str(built["venice"] / built["queries"].image.iloc[0])
+    res = runner.invoke(app, ["query", img, "--index", str(index_dir), "--top-k", "10"])
+    assert res.exit_code == 0, res.output
+    assert "(uncalibrated)" in res.stdout and "delg-geo index calibrate" in res.stdout
+    res = runner.invoke(app, ["index", "calibrate", "--index", str(index_dir), "--sample", "40", "--top-k", "10",
+                              "--confidence-radius-km", "0.25", "--json"])
+    assert res.exit_code == 0, res.output
+    d = json.loads(res.stdout)
+    assert d["radius_km"] == 0.25 and d["stats"]["sample"] == 40 and set(d["rule"]) == {"min_inliers", "base_inliers", "vote_radius_km"}
+    assert read_manifest(index_dir).confidence_radius_km == 0.25
+    res = runner.invoke(app, ["query", img, "--index", str(index_dir), "--top-k", "10"])
+    assert res.exit_code == 0, res.output
+    assert "within 250 m: " in res.stdout and "uncalibrated" not in res.stdout
+    js = runner.invoke(app, ["query", img, "--index", str(index_dir), "--top-k", "10", "--json"])
+    p = json.loads(js.stdout.strip().splitlines()[-1])
+    assert p["calibrated"] is True and p["confidence_radius_km"] == 0.25 and "within 250 m" in p["confidence_text"]
+    info = json.loads(runner.invoke(app, ["index", "info", "--index", str(index_dir), "--json"]).stdout)
+    assert info["calibration"]["file"] == "calibration.json" and info["calibration"]["radius_km"] == 0.25
+
+
+def test_cli_build_records_the_confidence_radius(built, tmp_path):
+    from typer.testing import CliRunner
+
+    from delg_geo.cli import app
+
+    small = tmp_path / "small.csv"
+    pd.read_csv(built["ref_csv"]).head(8).to_csv(small, index=False)
+    runner = CliRunner()
+    res = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
+                              str(tmp_path / "idx"), "--confidence-radius-km", "0.25", "--json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout.strip().splitlines()[-1])
+    assert rep["num_images"] == 8 and rep["calibration"] is None  # too few photos to calibrate on
+    assert "not calibrated: 8 images, fewer than the 200" in res.stderr
+    m = read_manifest(tmp_path / "idx")
+    assert m.confidence_radius_km == 0.25 and m.calibration == {}
+    bad = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
+                              str(tmp_path / "idx2"), "--confidence-radius-km", "0"])
+    assert bad.exit_code != 0 and not (tmp_path / "idx2").exists()
