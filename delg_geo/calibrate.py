@@ -411,7 +411,7 @@ def fit_calibration(lats, lons, sq: SelfQueries, *, radius_km: float = DEFAULT_R
         near_duplicates_left_out_mean=float(np.mean(sq.left_out)),
         accuracy=float(right.mean()), verified_fraction=float(ev[:, 0].mean()),
         default_rule_accuracy=grid_acc.get("{},{},{:g}".format(*default_rule.as_tuple())),
-        cv_ece=expected_calibration_error(oof, right), cv_precision_at_0_5=p50, cv_coverage_at_0_5=c50,
+        cv_ece=expected_calibration_error(oof, right), cv_mean_confidence=float(oof.mean()), cv_precision_at_0_5=p50, cv_coverage_at_0_5=c50,
         cv_precision_at_0_8=p80, cv_coverage_at_0_8=c80,
     )
     return Calibration(radius_km=float(radius_km), rule=rule, confidence_map=cmap, leave_out=leave_out, stats=stats)

@@ -339,7 +339,7 @@ def test_calibration_on_real_photos(built, tmp_path, lite_extractor):
     assert on_disk["evidence"] == list(EVIDENCE) and on_disk["rule"] == cal.rule.to_dict()
     assert Calibration.load(index_dir / CALIBRATION_FILE).rule == cal.rule
     # out of fold, the confidence tracks the observed rate on the collection
-    assert s["cv_ece"] < 0.2
+    assert s["cv_ece"] < 0.2 and abs(s["cv_mean_confidence"] - s["accuracy"]) < 0.1
     # the map is monotone in each piece of evidence, the way its sign says
     rng = np.random.default_rng(0)
     base = np.column_stack([rng.integers(0, 2, 50), rng.uniform(0, 5, (50, 3)), rng.uniform(0, 1, (50, 2))])
@@ -355,8 +355,11 @@ def test_calibration_on_real_photos(built, tmp_path, lite_extractor):
     right = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds]), np.array([p.lon for p in preds])) <= 0.1
     conf = np.array([p.confidence for p in preds])
     assert all(p.calibrated and p.confidence_text.endswith(f"within 100 m: {p.confidence:.0%}") for p in preds)
-    print("queries: mean confidence", conf.mean().round(3), "fraction right", right.mean().round(3))
-    assert abs(conf.mean() - right.mean()) < 0.25
+    print("queries: mean confidence", conf.mean().round(3), "fraction right", right.mean().round(3), conf.round(2), right)
+    # this subset holds each query's nearest photos, so its queries are easier than its own photos
+    # (the calibration's rate); the confidence must still rank them: right answers above wrong ones
+    assert right.any() and not right.all()
+    assert conf[right].mean() > conf[~right].mean()
     # the uncalibrated index still answers with a score, and says that it is one
     plain = Geolocator.from_index(built["index_dir"], config=LocateConfig(top_k=30))
     assert plain.calibration is None
