@@ -76,10 +76,10 @@ class QueryCandidates:
     """
 
     positions: np.ndarray  # (n,) int64
-    global_desc: np.ndarray  # (n, G) float32
+    global_desc: np.ndarray  # (n, G) float32; (n, 0) where not kept
     ids: np.ndarray  # (n, K) int64
     sims: np.ndarray  # (n, K) float32
-    inliers: np.ndarray  # (n, verify_k) int64
+    inliers: np.ndarray  # (n, verify_k) int32
     extract_s: np.ndarray  # (n,)
     search_s: np.ndarray  # (n,)
     verify_s: np.ndarray  # (n,)
@@ -134,8 +134,11 @@ class QueryCandidates:
 
 
 def query_candidates(geo, paths: list[str], positions: list[int], search_k: int, verify_k: int,
-                     threads: int | None = None, bar=None) -> QueryCandidates:
-    """Stage 1 for one shard of queries: extract (batched), search, verify the top ``verify_k``."""
+                     threads: int | None = None, bar=None, keep_global: bool = True) -> QueryCandidates:
+    """Stage 1 for one shard of queries: extract (batched), search, verify the top ``verify_k``.
+
+    ``keep_global=False`` leaves the global descriptors out of the record (only the classifier
+    and hybrid methods need them; at 1280-D float32 they are most of a query's record)."""
     from .extract import iter_extract
     from .search import search
 
@@ -160,7 +163,7 @@ def query_candidates(geo, paths: list[str], positions: list[int], search_k: int,
     for i, c in enumerate(search(geo.index, G, k) if n else []):
         ids[i, : len(c.ids)], sims[i, : len(c.ids)] = c.ids, c.similarities
     search_s = (time.perf_counter() - t0) / max(n, 1)
-    inl = np.zeros((n, verify_k), np.int64)
+    inl = np.zeros((n, verify_k), np.int32)
     verify_s = np.zeros(n)
     for i, f in enumerate(feats):
         t = time.perf_counter()
@@ -172,8 +175,8 @@ def query_candidates(geo, paths: list[str], positions: list[int], search_k: int,
         feats[i] = None  # local features are needed no longer
         if bar is not None:
             bar.update(1)
-    return QueryCandidates(np.array(pos, np.int64), G, ids, sims, inl, np.full(n, extract_s), np.full(n, search_s),
-                           verify_s, failed)
+    return QueryCandidates(np.array(pos, np.int64), G if keep_global else G[:, :0], ids, sims, inl,
+                           np.full(n, extract_s), np.full(n, search_s), verify_s, failed)
 
 
 def save_candidates(path: Path, rows: list[tuple], top_k: int) -> None:
@@ -231,15 +234,17 @@ def run_bench(
     # 1. query features, candidates and (for "verified") inlier counts, shard by shard
     search_k = max(cfg.top_k, cfg.sift_top_k)
     verify_k = cfg.top_k if "verified" in methods else 0
+    keep_global = "classifier" in methods or "hybrid" in methods
     if ray is not None:
         from .ray_bench import query_candidates_on_ray
 
-        qc = query_candidates_on_ray(index_dir, items, out_dir, search_k, verify_k, ray, shard_size, cfg.progress, log)
+        qc = query_candidates_on_ray(index_dir, items, out_dir, search_k, verify_k, ray, shard_size, cfg.progress, log,
+                                     keep_global=keep_global)
     else:
         bar = _bar(len(items), "query", cfg.progress)
         qc = QueryCandidates.concat([
             query_candidates(geo, [str(it.path) for it in items[s : s + shard_size]], list(range(s, s + shard_size)),
-                             search_k, verify_k, bar=bar)
+                             search_k, verify_k, bar=bar, keep_global=keep_global)
             for s in range(0, len(items), shard_size)
         ])
         bar.close()

@@ -45,27 +45,28 @@ class QueryWorker:
         return dict(host=host, pid=os.getpid())
 
     def run_shard(self, shards_dir: str, number: int, items: list[tuple[int, str]], search_k: int, verify_k: int,
-                  threads: int) -> dict:
+                  threads: int, keep_global: bool) -> dict:
         t0 = time.perf_counter()
-        qc = query_candidates(self.geo, [p for _, p in items], [i for i, _ in items], search_k, verify_k, threads)
+        qc = query_candidates(self.geo, [p for _, p in items], [i for i, _ in items], search_k, verify_k, threads,
+                              keep_global=keep_global)
         qc.save(Path(shards_dir) / f"part-{number:05d}.npz")
         return dict(number=number, done=len(qc.positions), failed=len(qc.failed), seconds=time.perf_counter() - t0)
 
 
-def _state(index_dir: Path, items, search_k: int, verify_k: int) -> dict:
+def _state(index_dir: Path, items, search_k: int, verify_k: int, keep_global: bool) -> dict:
     m = read_manifest(index_dir)
     h = hashlib.sha256("\n".join(f"{it.img_id}\t{it.path}" for it in items).encode()).hexdigest()
     return dict(index=str(index_dir), index_updated=m.updated, model_fingerprint=m.model_fingerprint,
-                search_k=search_k, verify_k=verify_k, queries_sha256=h, n_queries=len(items))
+                search_k=search_k, verify_k=verify_k, keep_global=keep_global, queries_sha256=h, n_queries=len(items))
 
 
 def query_candidates_on_ray(index_dir, items, out_dir, search_k: int, verify_k: int, ray_opts: RayOptions,
-                            shard_size: int = 64, progress: bool = True, log=print) -> QueryCandidates:
+                            shard_size: int = 64, progress: bool = True, log=print, keep_global: bool = True) -> QueryCandidates:
     """Stage 1 of the bench for ``items`` on Ray workers, resumable; the finished record in query order."""
     index_dir = Path(index_dir).resolve()
     shards_dir = Path(out_dir).resolve() / SHARDS
-    state = _state(index_dir, items, search_k, verify_k)
-    dim = int(read_manifest(index_dir).global_dim)
+    state = _state(index_dir, items, search_k, verify_k, keep_global)
+    dim = int(read_manifest(index_dir).global_dim) if keep_global else 0
     state_file = shards_dir / "state.json"
     if state_file.exists():
         try:
@@ -112,7 +113,7 @@ def query_candidates_on_ray(index_dir, items, out_dir, search_k: int, verify_k: 
                 ray, actors, start, [(next_part + i, run) for i, run in enumerate(runs)],
                 lambda a, number, run: a.run_shard.remote(
                     str(shards_dir), number, [(int(k), str(items[int(k)].path)) for k in run], search_k, verify_k,
-                    plan.threads),
+                    plan.threads, keep_global),
                 lambda number, run, out: parts.append(QueryCandidates.load(shards_dir / f"part-{number:05d}.npz")),
                 on_failed, progress="query (ray)" if progress else False,
             )
@@ -125,7 +126,7 @@ def _all_failed(positions: list[int], reason: str, state: dict, dim: int) -> Que
 
     n0 = np.zeros(0)
     return QueryCandidates(np.zeros(0, np.int64), np.zeros((0, dim), np.float32), np.zeros((0, state["search_k"]), np.int64),
-                           np.zeros((0, state["search_k"]), np.float32), np.zeros((0, state["verify_k"]), np.int64),
+                           np.zeros((0, state["search_k"]), np.float32), np.zeros((0, state["verify_k"]), np.int32),
                            n0, n0, n0, [(p, reason) for p in positions])
 
 

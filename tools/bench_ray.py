@@ -83,7 +83,8 @@ def main(argv=None) -> dict:
 
     md = {m: pd.read_csv(Path(args.out) / f"index-{m}" / "metadata.csv") for m in modes}
     same = all(md[m][["id", "image"]].equals(md["single"][["id", "image"]]) for m in modes)
-    g = {m: np.load(Path(args.out) / f"index-{m}" / "global_raw.npy") for m in modes}
+    name = "global.npy" if (Path(args.out) / "index-single" / "global.npy").exists() else "global_raw.npy"
+    g = {m: np.load(Path(args.out) / f"index-{m}" / name).astype(np.float32) for m in modes}
     max_diff = max(float(np.abs(g[m] - g["single"]).max()) for m in modes)
 
     mean = {m: {k: float(np.mean([x[k] for x in runs if x["mode"] == m])) for k in
