@@ -96,7 +96,8 @@ class ModelInfo:
 class Part:
     """Extracted images, in index order. Either raw (``global_raw``, ``descriptors``, as the model
     gives them) or already in the index's spaces (``global_vectors`` whitened and L2-normalised,
-    ``local_projected`` projected by the codec), as synthetic distractors are generated."""
+    ``local_projected`` projected by the codec, or ``local_codes`` encoded by it), as synthetic
+    distractors are generated."""
 
     metadata: pd.DataFrame  # image, path, lat, lon, width, height, extra columns
     counts: np.ndarray  # (n,) local features per image
@@ -106,12 +107,15 @@ class Part:
     scores: np.ndarray | None = None  # (m,) attention, to order features when given
     global_vectors: np.ndarray | None = None  # (n, d)
     local_projected: np.ndarray | None = None  # (m, dim)
+    local_codes: np.ndarray | None = None  # (m, code width): already encoded by the index's codec
 
     def __len__(self) -> int:
         return len(self.counts)
 
     def keep_rows(self, max_local: int) -> np.ndarray:
         """Rows of the best ``max_local`` features of every image (by score when known)."""
+        if self.scores is None and (len(self.counts) == 0 or int(np.max(self.counts)) <= max_local):
+            return np.arange(int(np.sum(self.counts)), dtype=np.int64)  # every feature is kept
         off = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         rows = []
         for i in range(len(self.counts)):
@@ -277,7 +281,9 @@ def assemble_index(
             g = np.asarray(p.global_vectors, np.float32)
         else:
             g = wh.apply(np.asarray(p.global_raw, np.float32))
-        if p.local_projected is not None:
+        if p.local_codes is not None:
+            codes = np.asarray(p.local_codes[rows], codec.code_dtype)
+        elif p.local_projected is not None:
             codes = codec.encode_projected(p.local_projected[rows])
         else:
             codes = codec.encode(np.asarray(p.descriptors[rows], np.float32))

@@ -1,0 +1,100 @@
+"""tools/bench_scale.py: a tiny real index plus a few thousand synthetic distractors (default run),
+and the million-distractor run on the Venice index (benchmark)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from _tiny_index import tiny_index
+from conftest import shared_path
+
+REPO = Path(__file__).resolve().parents[1]
+KEYS = {"distractors", "images", "bytes_per_image", "build_s", "peak_rss_gb", "search_ms_p50", "query_ms_p50",
+        "accuracy_at_100m", "accuracy_at_100m_without"}
+
+
+def _run(args, timeout):
+    env = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="3")
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "bench_scale.py"), *map(str, args)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1]), res
+
+
+def test_distractor_model_matches_the_index(tmp_path):
+    """The generator's statistics: unit global vectors spread like the real ones, codes of the
+    index's codec, real feature counts and keypoints, MP-16 coordinates (mostly far from Venice)."""
+    cells_csv = shared_path("im2gps_meta", "geo-cells", "cells_50_1000.csv")
+    geo, _, _ = tiny_index(tmp_path / "tiny")
+    sys.path.insert(0, str(REPO / "tools"))
+    import bench_scale as bs
+
+    cells = bs.read_cells(cells_csv)
+    assert len(cells) > 10_000 and cells.edge_km.between(0, 2500).all() and cells.edge_km.median() > 1
+    gen = bs.Distractors(geo.index.path, cells, 2500, 1000, seed=0, local=True, pool=20_000)
+    assert len(gen) == 3
+    p, again = gen.part(1), gen.part(1)
+    pd.testing.assert_frame_equal(p.metadata, again.metadata)  # seeded: repeatable, chunk by chunk
+    assert len(p) == 1000 and p.metadata.image.iloc[0] == "distractor/000001000"
+    np.testing.assert_allclose(np.linalg.norm(p.global_vectors, axis=1), 1.0, atol=1e-5)
+    real = geo.index.search_vectors()
+    # similarity to the real collection: the same order as the real photos' among themselves
+    s_fake = np.sort(p.global_vectors @ real.T, axis=1)[:, -1].mean()
+    s_real = np.sort(real @ real.T, axis=1)[:, -2].mean()
+    assert 0.2 * s_real < s_fake < 1.5 * s_real, (s_fake, s_real)
+    counts = np.diff(geo.index.offsets)
+    assert set(np.unique(p.counts)) <= set(np.unique(counts)) and len(p.keypoints) == p.counts.sum()
+    assert p.local_codes.dtype == gen.codec.code_dtype and p.local_codes.shape == (p.counts.sum(), gen.codec.code_width)
+    from delg_geo.geo import haversine_km
+
+    d = haversine_km(p.metadata.lat.to_numpy(), p.metadata.lon.to_numpy(), 45.437, 12.335)
+    assert (d > 50).mean() > 0.95 and p.metadata.lat.between(-90, 90).all() and p.metadata.lon.between(-180, 180).all()
+    g_only = bs.Distractors(geo.index.path, cells, 10, 10, seed=0, local=False)
+    q = g_only.part(0)
+    assert q.counts.sum() == 0 and len(q.local_codes) == 0 and g_only.pool is None
+
+
+def test_bench_scale_small_run(tmp_path):
+    """A few thousand distractors on a tiny index: the fixed interface, the JSON keys, sane numbers."""
+    geo, ref, venice = tiny_index(tmp_path / "tiny")
+    q = ref.head(3)[["image", "lat", "lon"]]  # reference photos as queries: each finds itself
+    q.to_csv(tmp_path / "queries.csv", index=False)
+    out, res = _run(["--index", geo.index.path, "--queries", tmp_path / "queries.csv", "--images", venice,
+                     "--distractors", 3000, "--out", tmp_path / "out", "--json", "--chunk", 1000,
+                     "--index-type", "ivfpq", "--local-pool", 50_000], timeout=1200)
+    assert res.stdout.strip().count("\n") == 0  # --json: the object is the only line on stdout
+    assert KEYS <= set(out)
+    assert out["distractors"] == 3000 and out["images"] == 3000 + len(geo.index) and out["real_images"] == len(geo.index)
+    assert out["index_type"] == "ivfpq" and out["search"]["nlist"] >= 1 and out["distractor_local_features"]
+    assert 10_000 < out["bytes_per_image"] <= 32 * 1024 + 2000  # the tiny index's whitening is shared by few
+    assert out["build_s"] > 0 and 0.2 < out["peak_rss_gb"] < 8
+    assert 0 <= out["search_ms_p50"] < out["query_ms_p50"] < 120_000
+    assert out["accuracy_at_100m_without"] == 1.0  # a reference photo finds itself
+    assert 0 <= out["accuracy_at_100m"] <= 1 and out["with_distractors"]["queries"] == 3
+    assert not (tmp_path / "out" / "index-3000").exists()  # removed without --keep
+
+
+@pytest.mark.benchmark
+def test_bench_scale_one_million(tmp_path):
+    """The issue's targets at 1,000,000 distractors on the Venice index (about 30 GB of disk and an
+    hour on 2 cores): <= 32 KB an image, peak RSS <= 4 GB, query p50 <= 1 s, <= 2 points lost."""
+    venice = shared_path("venice")
+    index = Path(os.environ.get("DELG_GEO_VENICE_INDEX", REPO / "runs" / "venice-index"))
+    if not (index / "manifest.json").exists():
+        pytest.skip(f"no Venice index at {index} (tools/venice_report.sh builds it)")
+    out, _ = _run(["--index", index, "--queries", venice / "queries.csv", "--images", venice,
+                   "--distractors", 1_000_000, "--out", tmp_path / "scale", "--json"], timeout=6 * 3600)
+    print(json.dumps(out))
+    assert out["images"] == 1_000_000 + out["real_images"] and out["index_type"] == "ivfpq"
+    assert out["bytes_per_image"] <= 32 * 1024
+    assert out["peak_rss_gb"] <= 4.0
+    assert out["query_ms_p50"] <= 1000
+    assert out["accuracy_at_100m"] >= out["accuracy_at_100m_without"] - 0.02
