@@ -9,8 +9,10 @@ are extracted once into ``--cache``. Each variant re-encodes the index's own fea
 local features per image, a local codec, a global dimension) exactly as ``index build`` would,
 verifies every query's top-k candidates, and scores the default decision rule within 100 m.
 
-Held-out: the smallest variant within ``--max-loss`` points of the baseline is picked on a random
-half of the queries and scored on the other half, over ``--splits`` random splits.
+Held-out: ``python tools/compact_choices.py summarise RESULTS.json ...`` prints the table and
+picks, on a random half of the queries, the smallest variant within 32 KB an image and within
+``--max-loss`` points of today's, then scores it against today's on the other half (``--splits``
+random splits).
 """
 
 from __future__ import annotations
@@ -70,7 +72,51 @@ def accuracy(pred_lat, pred_lon, lat, lon, km=0.1):
     return haversine_km(pred_lat, pred_lon, lat, lon) <= km
 
 
+def held_out(results: list[dict], splits: int = 20, max_loss: float = 1.0, budget: int = 32 * 1024, seed: int = 0) -> dict:
+    """Pick, on a random half of the queries, the smallest variant within ``budget`` bytes whose
+    accuracy is within ``max_loss`` points of today's; score it and today's on the other half."""
+    base = next(r for r in results if r["local"]["kind"] == "float16" and r["global_dtype"] == "float32")
+    cands = [r for r in results if r["bytes_per_image"] <= budget]
+    hits = {id(r): np.asarray(r["hits"], bool) for r in results}
+    n = len(base["hits"])
+    rng = np.random.default_rng(seed)
+    picks, loss = [], []
+    for _ in range(splits):
+        perm = rng.permutation(n)
+        a, b = perm[: n // 2], perm[n // 2:]
+        ok = [r for r in cands if 100 * (hits[id(r)][a].mean() - hits[id(base)][a].mean()) >= -max_loss]
+        if not ok:
+            continue
+        pick = min(ok, key=lambda r: r["bytes_per_image"])
+        picks.append(f"{pick['codec']}, global {pick['global_dim']}-D")
+        loss.append(100 * (hits[id(pick)][b].mean() - hits[id(base)][b].mean()))
+    from collections import Counter
+
+    return dict(splits=splits, picked=dict(Counter(picks)), held_out_change_points=dict(
+        mean=round(float(np.mean(loss)), 2), min=round(float(np.min(loss)), 2), max=round(float(np.max(loss)), 2)))
+
+
+def summarise(files: list[Path], splits: int, max_loss: float) -> dict:
+    results = [r for f in files for r in json.loads(Path(f).read_text())]
+    rows = sorted(results, key=lambda r: -r["bytes_per_image"])
+    print("| local descriptors | features | global | bytes/image | within 100 m | global top-1 |")
+    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['codec']} | {r['features']} | {r['global_dim']}-D {r['global_dtype']} | {r['bytes_per_image']:,} | "
+              f"{r['within_100m']:.1f} % | {r['global_top1_100m']:.1f} % |")
+    out = held_out(results, splits, max_loss)
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> dict:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "summarise":
+        ap = argparse.ArgumentParser(description="the table and the held-out choice from result files")
+        ap.add_argument("files", nargs="+", type=Path)
+        ap.add_argument("--splits", type=int, default=20)
+        ap.add_argument("--max-loss", type=float, default=1.0)
+        a = ap.parse_args(sys.argv[2:])
+        return summarise(a.files, a.splits, a.max_loss)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--index", type=Path, required=True)
     ap.add_argument("--queries", type=Path, required=True)
