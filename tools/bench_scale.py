@@ -306,6 +306,7 @@ def main(argv=None) -> dict:
     mw = assemble_index(target, gen.loaders(), model, options=opts, base=base, skipped=m.skipped,
                         sources=m.sources + [src], created=m.created, log=log, progress=not args.json)
     build_s = time.perf_counter() - t0
+    build_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # this process: generation and assembly
     total_bytes = index_bytes(target)
 
     with_d = summarise(run_queries(target, args, f"with {args.distractors} distractors"), n_real)
@@ -316,6 +317,7 @@ def main(argv=None) -> dict:
         bytes_per_image=round(total_bytes / mw.num_images, 1),
         index_bytes=total_bytes,
         build_s=round(build_s, 1),
+        build_peak_rss_gb=round(build_rss_gb, 3),
         peak_rss_gb=round(with_d["peak_rss_gb"], 3),
         search_ms_p50=round(with_d["search_ms_p50"], 2),
         query_ms_p50=round(with_d["query_ms_p50"], 1),
