@@ -52,8 +52,13 @@ def diagnose(bench_dir: Path, index_dir: Path, radius_km: float = 0.1, repeats: 
     sigma = default_sigma_km(index.lats, index.lons)
     fb = np.array([knn_vote(lats[i][valid[i]], lons[i][valid[i]], cands.similarities[i][valid[i]], sigma)[:2]
                    for i in range(len(gt_lat))])
+    # the rule the queries used: the index's calibrated one where it has a calibration
+    from delg_geo.calibrate import load_index_calibration
+
+    cal = load_index_calibration(index)
+    rule = cal.rule.as_tuple() if cal else (vc.min_inliers, cfg.vote_base_inliers, cfg.vote_radius_km)
     cv = cross_validate_rule(lats, lons, cands.similarities, cands.inliers, valid, gt_lat, gt_lon, fb[:, 0], fb[:, 1],
-                             radius_km=radius_km, default=(vc.min_inliers, cfg.vote_base_inliers, cfg.vote_radius_km),
+                             radius_km=radius_km, default=rule,
                              repeats=repeats)
     bd = breakdown(cands.inliers, ok, vc.min_inliers)
     right = cands.inliers[ok]
