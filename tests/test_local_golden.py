@@ -51,7 +51,7 @@ def _golden_images():
 
 
 @pytest.mark.shared
-@pytest.mark.parametrize("name", ["xfeat"])
+@pytest.mark.parametrize("name", ["xfeat", "aliked-n16"])
 def test_port_matches_reference(name):
     from scipy.spatial import cKDTree
 
