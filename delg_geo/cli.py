@@ -120,7 +120,7 @@ def extract(
 
 
 def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None, keep_raw=False,
-           confidence_radius_km=None, calibrate=None):
+           confidence_radius_km=None, calibrate=None, local=None):
     from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
@@ -132,7 +132,7 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
     _throughput()
     log = (lambda m: typer.echo(m, err=True))
     rep = build_index(
-        images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, resume=resume, add=add,
+        images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, local=local, resume=resume, add=add,
         overwrite=overwrite, allow_outside=allow_outside,
         options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out,
                              compact=CompactOptions(keep_raw=keep_raw), confidence_radius_km=confidence_radius_km,
@@ -153,6 +153,7 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
 
 
 _IDX = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX).")
+_LOCAL_HELP = "Local features for verification: delg (the model's own), xfeat or aliked-n16."
 
 
 @index_app.command("build")
@@ -161,6 +162,7 @@ def index_build(
     metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV (image,lat,lon), or a Placing/YFCC file."),
     index: Path = typer.Option(..., "--index", "-i", help="Index folder to create."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
+    local: Optional[str] = typer.Option(None, "--local", help=_LOCAL_HELP),
     from_exif: bool = typer.Option(False, "--from-exif", help="Read positions from EXIF GPS (every other file is listed as skipped)."),
     fmt: str = typer.Option("auto", "--format", help="auto, csv, exif, vpr or yfcc."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build."),
@@ -185,7 +187,8 @@ def index_build(
         raise DelgGeoError(f"--confidence-radius-km must be positive, got {confidence_radius_km}")
     ray = _ray_options(use_ray, ray_address, workers)
     _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out,
-           add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate)
+           add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate,
+           local=local)
 
 
 def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
@@ -216,15 +219,17 @@ def index_add(
     index = _index_or_env(index)
     m = read_manifest(index) if (index / "manifest.json").exists() else None
     model = (m.model_path if m.model_path and Path(m.model_path).is_dir() else m.model_id) if m else None
+    local = m.local_features if m else None
     if m is None:  # an interrupted add whose manifest was being replaced: the model it was using
         try:
-            model = json.loads((index / ".building" / "state.json").read_text()).get("model_id")
+            state = json.loads((index / ".building" / "state.json").read_text())
+            model, local = state.get("model_id"), state.get("local_features")
         except (OSError, ValueError, AttributeError):
             model = None
     index_type = (m.search.get("requested", "auto") if m.format_version >= 2 else "auto") if m else "auto"
     keep_raw = bool(m and m.format_version >= 2 and "global_raw.npy" in m.files)
     _build(images_dir, metadata, index, model, from_exif, fmt, True, False, allow_outside, index_type, batch_size, json_out,
-           add=True, keep_raw=keep_raw)
+           add=True, keep_raw=keep_raw, local=local)
 
 
 @index_app.command("compact")
@@ -340,6 +345,7 @@ def query(
     top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates to verify (at least 1)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Global retrieval only."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model. " + _MODEL_HELP),
+    local: Optional[str] = typer.Option(None, "--local", help="Must match the index's local features (default: the index's)."),
     json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
     map_out: Optional[Path] = typer.Option(None, "--map", help="Write a self-contained HTML map of the answers."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Draw query vs verified neighbour with inlier matches (PNG)."),
@@ -350,7 +356,7 @@ def query(
     _check_output(map_out, "--map")
     _check_output(explain, "--explain")
 
-    geo = Geolocator.from_index(_index_or_env(index), model=model, top_k=top_k, verify=not no_verify)
+    geo = Geolocator.from_index(_index_or_env(index), model=model, local=local, top_k=top_k, verify=not no_verify)
     failures = 0
     rows = []
     preds = []

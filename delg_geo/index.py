@@ -56,6 +56,10 @@ class Manifest:
     num_local_features: int
     index_type: str
     model_config: dict = field(default_factory=dict)
+    # the local features verification uses: "delg" (the model's own) or a learned type
+    local_features: str = "delg"
+    local_fingerprint: str = ""  # weights + settings of a learned type ("" for delg)
+    local_config: dict = field(default_factory=dict)
     whitening: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> size in bytes, checked on load
     checksums: dict = field(default_factory=dict)  # name -> "xxh3_128:hex" (see delg_geo.integrity)
@@ -374,6 +378,19 @@ class GeoIndex:
             if why:
                 out.append((i, why))
         return out
+
+    def check_local(self, local: str, fingerprint: str) -> None:
+        """Refuse a query whose local features are not the ones this index holds."""
+        m = self.manifest
+        if local != m.local_features or (local != "delg" and fingerprint != m.local_fingerprint):
+            what = local if local == m.local_features else f"--local {local}"
+            raise IndexFormatError(
+                f"{self.path} holds {m.local_features!r} local features (built with --local {m.local_features}), "
+                f"but the query uses {what}"
+                + (f" with other settings (fingerprint {fingerprint[:12]} vs {m.local_fingerprint[:12]})" if local == m.local_features else "")
+                + f"; query with --local {m.local_features} (or leave --local out: the index's choice is the default), "
+                f"or rebuild the index with `delg-geo index build ... --local {local}`"
+            )
 
     def check_model(self, model_id: str, fingerprint: str) -> None:
         m = self.manifest

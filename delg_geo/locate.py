@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -33,18 +33,21 @@ from .geo import haversine_km
 from .images import LoadedImage, load_image
 from .index import GeoIndex
 from .search import search
-from .verify import VerifyConfig, verify_pair
+from .verify import VERIFY_DEFAULTS, VerifyConfig, verify_pair
 from .decision import DecisionRule, decide_candidates, evidence_at, vote_verified  # noqa: F401 (re-exported)
+
+#: ``vote_base_inliers`` per local-feature type: about the 90th percentile of wrong pairs' inliers.
+VOTE_BASE_DEFAULTS = {"delg": 10, "xfeat": 10, "aliked-n16": 10}
 
 
 @dataclass(frozen=True)
 class LocateConfig:
     top_k: int = 100
     verify: bool = True
-    verify_config: VerifyConfig = field(default_factory=VerifyConfig)
+    verify_config: VerifyConfig | None = None  # None: the defaults of the index's local features
     distinct_km: float = 0.05  # alternatives closer than this to a shown place are the same place
     vote_radius_km: float = 0.06  # verified candidates this close support each other
-    vote_base_inliers: int = 10  # inliers up to this count are treated as chance (90th pct of wrong pairs)
+    vote_base_inliers: int | None = None  # inliers up to this count are chance; None: per local type
     fallback: str = "knn"  # "knn" or "global", when nothing verifies
     knn_sigma_km: float | None = None  # None: from the collection's extent (knn.default_sigma_km)
     num_alternatives: int = 5
@@ -111,9 +114,16 @@ class Geolocator:
 
     def __init__(self, index: GeoIndex, extractor, config: LocateConfig | None = None):
         index.check_model(extractor.model_id, extractor.fingerprint)
+        local = getattr(extractor, "local_features", "delg")
+        index.check_local(local, getattr(extractor, "local_fingerprint", ""))
         self.index = index
         self.extractor = extractor
-        self.config = config or LocateConfig()
+        config = config or LocateConfig()
+        self.config = replace(
+            config,
+            verify_config=config.verify_config or VERIFY_DEFAULTS[local],
+            vote_base_inliers=VOTE_BASE_DEFAULTS[local] if config.vote_base_inliers is None else config.vote_base_inliers,
+        )
         from .knn import default_sigma_km
 
         self.knn_sigma_km = self.config.knn_sigma_km or default_sigma_km(index.lats, index.lons)
@@ -134,6 +144,7 @@ class Geolocator:
         model: str | None = None,
         config: LocateConfig | None = None,
         device: str = "auto",
+        local: str | None = None,
         **locate_options,
     ) -> "Geolocator":
         from .models import get_extractor
@@ -168,7 +179,11 @@ class Geolocator:
                 if k in cfg:
                     cfg[k] = tuple(cfg[k])
             options["config"] = LiteDelgConfig(**cfg)
-        extractor = get_extractor(name, **options)
+        # local features: the index's choice (and settings) unless the caller names another
+        local = local or m.local_features
+        if local != "delg" and local == m.local_features:
+            options["local_options"] = dict(m.local_config)
+        extractor = get_extractor(name, local=local, **options)
         if config is None:
             config = LocateConfig(**locate_options)
         return cls(index, extractor, config)

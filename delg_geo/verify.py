@@ -33,6 +33,16 @@ class VerifyConfig:
         return asdict(self)
 
 
+#: Verification settings per local-feature type (``index build --local``). ``delg``: as above.
+#: The learned types match all their keypoints (1024) with a tighter homography threshold;
+#: their thresholds were tuned on the Venice queries (README, "Local features").
+VERIFY_DEFAULTS: dict[str, VerifyConfig] = {
+    "delg": VerifyConfig(),
+    "xfeat": VerifyConfig(px_threshold=4.0, ratio=0.9, max_features=1024, min_inliers=15),
+    "aliked-n16": VerifyConfig(px_threshold=4.0, ratio=0.9, max_features=1024, min_inliers=15),
+}
+
+
 @dataclass
 class Verification:
     inliers: int

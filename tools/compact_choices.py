@@ -132,9 +132,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.locate import VOTE_BASE_DEFAULTS, Geolocator, LocateConfig
     from delg_geo.store import fit_local_codec
-    from delg_geo.verify import verify_pair
+    from delg_geo.verify import VERIFY_DEFAULTS, verify_pair
     from delg_geo.whitening import fit_pca_whitening
 
     index = GeoIndex(args.index, device="cpu")
@@ -148,7 +148,9 @@ def main(argv=None) -> dict:
     q_off = np.concatenate([[0], np.cumsum(q["counts"])])
     nq = args.limit or len(q["lats"])
     q["lats"], q["lons"] = q["lats"][:nq], q["lons"][:nq]
-    cfg = LocateConfig(top_k=args.top_k, places=False)
+    # DELG local features (the defaults of that type)
+    cfg = LocateConfig(top_k=args.top_k, places=False, verify_config=VERIFY_DEFAULTS["delg"],
+                       vote_base_inliers=VOTE_BASE_DEFAULTS["delg"])
     vc = cfg.verify_config
     geo = Geolocator.__new__(Geolocator)  # only the decision rule is used: no extractor needed
     geo.index, geo.config = index, cfg

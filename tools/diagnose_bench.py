@@ -27,7 +27,8 @@ def diagnose(bench_dir: Path, index_dir: Path, radius_km: float = 0.1, repeats: 
     from delg_geo.errors import DelgGeoError
     from delg_geo.index import GeoIndex
     from delg_geo.knn import default_sigma_km, knn_vote
-    from delg_geo.locate import LocateConfig
+    from delg_geo.locate import VOTE_BASE_DEFAULTS, LocateConfig
+    from delg_geo.verify import VERIFY_DEFAULTS
 
     cands = BenchCandidates.load(bench_dir / "candidates.npz")
     pred = pd.read_csv(bench_dir / "predictions.csv")
@@ -47,7 +48,9 @@ def diagnose(bench_dir: Path, index_dir: Path, radius_km: float = 0.1, repeats: 
     lons = np.where(valid, index.lons[safe], np.nan)
     ok = correct_mask(lats, lons, gt_lat, gt_lon, valid, radius_km)
 
-    cfg = LocateConfig()
+    # the defaults of the index's local-feature type
+    local = index.manifest.local_features
+    cfg = LocateConfig(verify_config=VERIFY_DEFAULTS[local], vote_base_inliers=VOTE_BASE_DEFAULTS[local])
     vc = cfg.verify_config
     sigma = default_sigma_km(index.lats, index.lons)
     fb = np.array([knn_vote(lats[i][valid[i]], lons[i][valid[i]], cands.similarities[i][valid[i]], sigma)[:2]

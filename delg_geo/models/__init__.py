@@ -7,6 +7,9 @@
 * ``delg-r50-gldv1``, ``delg-r101-gldv1``, ``delg-r50-gldv2``, ``delg-r101-gldv2``: the official
   DELG SavedModels, once fetched (``delg-geo model fetch``) or added (``delg-geo model add``).
 * a path to a folder holding a SavedModel with the official DELG signature.
+
+``local`` swaps the model's own local features for learned ones (``xfeat``, ``aliked-n16``;
+:mod:`delg_geo.models.local_features`); the global descriptor stays the model's.
 """
 
 from __future__ import annotations
@@ -31,7 +34,33 @@ class Extractor(Protocol):
     def extract(self, image: LoadedImage) -> Features: ...
 
 
-def get_extractor(name: str | None = None, **options) -> Extractor:
+def get_extractor(name: str | None = None, local: str | None = None, local_options: dict | None = None, **options) -> Extractor:
+    """The extractor for model ``name``, with learned ``local`` features when given (not ``delg``)."""
+    if local in (None, "delg"):
+        return _global_extractor(name, **options)
+    from .local_features import LOCAL_CHOICES, LearnedLocal, WithLocalFeatures
+
+    if local not in LOCAL_CHOICES:
+        from ..errors import ModelError
+
+        raise ModelError(f"unknown local features {local!r}; choose one of: {', '.join(LOCAL_CHOICES)}")
+    if (name or DEFAULT_MODEL) == DEFAULT_MODEL and "config" not in options:
+        # the model's own local features are not used: run only the scales the global descriptor needs
+        from .lite_delg import LiteDelgConfig
+
+        options["config"] = LiteDelgConfig(scales=LiteDelgConfig().global_scales)
+    from .local_weights import WeightsMissing
+
+    try:
+        learned = LearnedLocal(local, **(local_options or {}))
+    except WeightsMissing as e:
+        from ..errors import ModelError
+
+        raise ModelError(str(e)) from None
+    return WithLocalFeatures(_global_extractor(name, **options), learned)
+
+
+def _global_extractor(name: str | None = None, **options) -> Extractor:
     name = name or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
         from .lite_delg import LiteDelgExtractor

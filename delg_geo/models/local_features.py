@@ -23,3 +23,108 @@ def load_network(name: str, **config):
 
         return AlikedNet.from_file(weights_path(name), AlikedConfig(**config) if config else None)
     raise KeyError(f"unknown learned local features {name!r}; known: {', '.join(LEARNED)}")
+
+
+#: Every ``--local`` choice: ``delg`` keeps the global model's own local features.
+LOCAL_CHOICES = ("delg", *LEARNED)
+#: Learned networks see the image at most this large (longest side, pixels).
+DEFAULT_LOCAL_MAX_SIDE = 1024
+DEFAULT_TOP_K = 1024
+
+
+class LearnedLocal:
+    """Learned keypoints and descriptors for :class:`~delg_geo.images.LoadedImage` inputs.
+
+    ``extract(image)`` returns keypoints (x, y) in *original-image* pixels, scores and
+    L2-normalised descriptors, best first. ``fingerprint`` covers the weights and the settings.
+    """
+
+    def __init__(self, name: str, top_k: int = DEFAULT_TOP_K, max_side: int = DEFAULT_LOCAL_MAX_SIDE):
+        import hashlib
+        import json
+
+        from .local_weights import WEIGHTS
+
+        if name not in LEARNED:
+            raise KeyError(f"unknown learned local features {name!r}; known: {', '.join(LEARNED)}")
+        self.name = name
+        self.top_k = int(top_k)
+        self.max_side = int(max_side)
+        self.net = load_network(name)
+        self.local_dim = 64 if name == "xfeat" else 128
+        self.config = {"top_k": self.top_k, "max_side": self.max_side}
+        desc = json.dumps({"weights": WEIGHTS[name].sha256, "name": name, "config": self.config}, sort_keys=True)
+        self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()
+
+    def _array(self, image):
+        import numpy as np
+        from PIL import Image
+
+        arr = image.array
+        h, w = arr.shape[:2]
+        if max(h, w) > self.max_side:
+            f = self.max_side / float(max(h, w))
+            size = (max(1, round(w * f)), max(1, round(h * f)))
+            arr = np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR))
+        return arr
+
+    def extract_batch(self, images) -> list[tuple]:
+        out = []
+        for im in images:
+            arr = self._array(im)
+            kp, sc, de = self.net.detect(arr, top_k=self.top_k)[0]
+            # network pixels -> original-image pixels
+            sx = arr.shape[1] / float(im.original_size[0])
+            sy = arr.shape[0] / float(im.original_size[1])
+            kp = kp / [sx, sy]
+            out.append((kp.astype("float32"), sc.astype("float32"), de.astype("float32")))
+        return out
+
+
+class WithLocalFeatures:
+    """An extractor whose global descriptor comes from ``base`` and local features from ``local``.
+
+    It has the :class:`~delg_geo.models.Extractor` interface; ``local_features`` and
+    ``local_fingerprint`` name the local part, which the index manifest records. ``base=None``
+    gives local features only (an empty global descriptor), for caching experiments.
+    """
+
+    def __init__(self, base, local: LearnedLocal):
+        self.base = base
+        self.local = local
+        self.model_id = base.model_id if base is not None else "none"
+        self.fingerprint = base.fingerprint if base is not None else ""
+        self.global_dim = base.global_dim if base is not None else 0
+        self.local_dim = local.local_dim
+        self.max_side = base.max_side if base is not None else local.max_side
+        self.needs_whitening = getattr(base, "needs_whitening", False)
+        self.whitening_dim = getattr(base, "whitening_dim", None)
+        self.config = getattr(base, "config", None)
+        self.local_features = local.name
+        self.local_fingerprint = local.fingerprint
+        self.local_config = dict(local.config)
+
+    def extract(self, image):
+        return self.extract_batch([image])[0]
+
+    def extract_batch(self, images):
+        import numpy as np
+
+        from ..features import Features
+
+        if self.base is not None:
+            feats = list(self.base.extract_batch(images)) if hasattr(self.base, "extract_batch") else [self.base.extract(im) for im in images]
+        else:
+            feats = [
+                Features(np.zeros(0, np.float32), np.zeros((0, 2), np.float32), np.zeros((0, self.local_dim), np.float32),
+                         np.zeros(0, np.float32), im.original_size, self.model_id)
+                for im in images
+            ]
+        for f, (kp, sc, de) in zip(feats, self.local.extract_batch(images)):
+            f.keypoints, f.scores, f.local_descriptors = kp, sc, de
+            f.scales = np.ones(len(sc), np.float32)
+        return feats
+
+
+def load_local_for_cache(name: str, top_k: int = DEFAULT_TOP_K) -> WithLocalFeatures:
+    return WithLocalFeatures(None, LearnedLocal(name, top_k=top_k))
