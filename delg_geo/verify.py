@@ -65,12 +65,12 @@ def mutual_matches(
     if min_similarity > 0:
         keep &= best >= min_similarity
     if ratio < 1.0 and sim.shape[1] > 1:
-        part = np.partition(-sim, 1, axis=1)
-        second = -part[:, 1]
+        rows = np.flatnonzero(keep)  # the second neighbour only where it can matter
+        second = -np.partition(-sim[rows], 1, axis=1)[:, 1]
         # distances of unit vectors: d = sqrt(2 - 2 s)
-        d1 = np.sqrt(np.maximum(2 - 2 * best, 0))
+        d1 = np.sqrt(np.maximum(2 - 2 * best[rows], 0))
         d2 = np.sqrt(np.maximum(2 - 2 * second, 1e-12))
-        keep &= d1 <= ratio * d2
+        keep[rows] = d1 <= ratio * d2
     return np.stack([idx[keep], nn12[keep]], axis=1)
 
 

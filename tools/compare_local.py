@@ -46,7 +46,7 @@ def _extract(args) -> None:
     paths = list(md["path"]) + [str(i.path) for i in items]
     if args.limit:
         paths = paths[: args.limit]
-    extractor = load_local_for_cache(args.local, top_k=args.top_k)
+    extractor = load_local_for_cache(args.local, top_k=args.top_k, max_side=args.max_side, upscale=args.upscale)
     kp, de, sc, counts = [], [], [], []
     t0 = time.perf_counter()
     for res in iter_extract(paths, extractor, batch_size=1, progress="extract"):
@@ -108,6 +108,64 @@ def _verify(args) -> None:
     print(json.dumps({"out": args.out, "pairs": int(ids.size), "ms_per_pair": round(1e3 * seconds / ids.size, 2)}))
 
 
+def _matches(args) -> None:
+    """Mutual nearest-neighbour matches of every (query, candidate) pair, with their distance ratio,
+    so verification variants (ratio, threshold) cost only the RANSAC fits (``ransac``)."""
+    cache = Cache(args.cache)
+    ids = np.load(args.candidates)["ids"][:, : args.top]
+    src, dst, ratio, counts = [], [], [], []
+    t0 = time.perf_counter()
+    for q in range(len(ids)):
+        qkp, qde = cache.get(cache.n_ref + q, args.max_features)
+        for j in ids[q]:
+            ckp, cde = cache.get(int(j), args.max_features)
+            sim = qde @ cde.T
+            nn12 = np.argmax(sim, axis=1)
+            nn21 = np.argmax(sim, axis=0)
+            rows = np.flatnonzero(nn21[nn12] == np.arange(len(qde)))
+            best = sim[rows, nn12[rows]]
+            second = -np.partition(-sim[rows], 1, axis=1)[:, 1]
+            r = np.sqrt(np.maximum(2 - 2 * best, 0)) / np.sqrt(np.maximum(2 - 2 * second, 1e-12))
+            keep = r <= args.max_ratio
+            src.append(qkp[rows[keep]])
+            dst.append(ckp[nn12[rows[keep]]])
+            ratio.append(r[keep].astype(np.float16))
+            counts.append(int(keep.sum()))
+    np.savez(args.out, src=np.concatenate(src), dst=np.concatenate(dst), ratio=np.concatenate(ratio),
+             offsets=np.concatenate([[0], np.cumsum(counts)]), shape=np.array(ids.shape))
+    print(json.dumps({"out": args.out, "pairs": int(ids.size), "ms_per_pair": round(1e3 * (time.perf_counter() - t0) / ids.size, 2)}))
+
+
+def _ransac(args) -> None:
+    """Inlier counts for each (ratio, px threshold) variant from a ``matches`` file."""
+    import pandas as pd
+    import pydegensac
+
+    z = np.load(args.matches)
+    src, dst, ratio, off = z["src"], z["dst"], z["ratio"], z["offsets"]
+    n_q, k = (int(v) for v in z["shape"])
+    ids = np.load(args.candidates)["ids"][:, :k]
+    md = pd.read_csv(Path(args.index) / "metadata.csv")
+    sides = md[["width", "height"]].to_numpy().max(axis=1)
+    qsides = _query_sizes(args.queries).max(axis=1)
+    for r_max in args.ratios:
+        for px in args.px:
+            inl = np.zeros((n_q, k), np.int32)
+            for q in range(n_q):
+                for c in range(k):
+                    p = q * k + c
+                    a, b = int(off[p]), int(off[p + 1])
+                    m = ratio[a:b] <= r_max
+                    if m.sum() < 5:
+                        continue
+                    th = px * max(qsides[q], sides[int(ids[q, c])]) / 500.0
+                    _, mask = pydegensac.findHomography(src[a:b][m].astype(np.float64), dst[a:b][m].astype(np.float64), th, 0.999, 2000)
+                    inl[q, c] = int(np.asarray(mask, bool).sum()) if mask is not None else 0
+            out = f"{args.out_prefix}-r{r_max}-px{px}.npz"
+            np.savez(out, inliers=inl, px=px, ratio=r_max)
+            print(json.dumps({"out": out}))
+
+
 def _query_sizes(queries):
     from PIL import Image, ImageOps
 
@@ -118,6 +176,12 @@ def _query_sizes(queries):
 
 
 def _evaluate(args) -> None:
+    """Held-out scores: settings picked on a random half of the queries, scored on the other half.
+
+    Per inlier file, the vote settings (min inliers, base inliers, radius) are picked; with
+    ``--joint``, the file (a verification variant) is picked too, on the same half."""
+    from collections import Counter
+
     import pandas as pd
 
     from delg_geo.diagnose import rule_errors_km
@@ -133,56 +197,54 @@ def _evaluate(args) -> None:
     gt_lon = np.array([i.lon for i in items])
     sigma = default_sigma_km(lats, lons)
     ids_all, sims_all = cands["ids"], cands["similarities"]
+    # nothing verifies: the kernel-density vote over the whole global top-k (the default fallback)
     fb = np.array([knn_vote(lats[i], lons[i], s, sigma)[:2] for i, s in zip(ids_all, sims_all)])
-    rng_seed = 0
-    grid = [(m, b, r) for m in args.min_inliers for b in args.base for r in (0.03, 0.06, 0.1)]
-    rows = []
+    vote_grid = [(m, b, r) for m in args.min_inliers for b in args.base for r in (0.03, 0.06, 0.1)]
+    errs, verified, info = {}, {}, {}
     for path in args.inliers:
-        z = np.load(path)
-        inl = z["inliers"]
+        inl = np.load(path)["inliers"]
         k = inl.shape[1]
         ids, sims = ids_all[:, :k], sims_all[:, :k]
-        if k < ids_all.shape[1]:  # candidates beyond the verified ones count as 0 inliers
-            pass
-        valid = np.ones(ids.shape, bool)
         cl, cn = lats[ids], lons[ids]
-        errs = {g: rule_errors_km(cl, cn, sims, inl, valid, gt_lat, gt_lon, fb[:, 0], fb[:, 1], g) for g in grid}
-        verified = {g: inl.max(axis=1) >= g[0] for g in grid}
-        rng = np.random.default_rng(rng_seed)
-        held = {"acc25": [], "acc100": [], "acc1000": [], "median": [], "ver_frac": [], "ver_prec": []}
+        for g in vote_grid:
+            errs[path, g] = rule_errors_km(cl, cn, sims, inl, np.ones(ids.shape, bool), gt_lat, gt_lon, fb[:, 0], fb[:, 1], g)
+            verified[path, g] = inl.max(axis=1) >= g[0]
+        right = haversine_km(gt_lat[:, None], gt_lon[:, None], cl, cn) <= 0.1
+        info[path] = {"top": k, "cand_precision": {f">={t}": round(float(right[inl >= t].mean()), 3) if (inl >= t).any() else None
+                                                   for t in (10, 15, 20, 30, 50)}}
+    groups = [list(errs)] if args.joint else [[key for key in errs if key[0] == p] for p in args.inliers]
+    n = len(gt_lat)
+    for keys in groups:
+        rng = np.random.default_rng(0)
+        held = {"acc25": [], "acc100": [], "acc1000": [], "median_km": [], "verified_frac": [], "verified_precision": []}
         picked = []
         for _ in range(args.repeats):
-            perm = rng.permutation(len(inl))
-            halves = np.array_split(perm, 2)
-            e = np.empty(len(inl))
-            v = np.empty(len(inl), bool)
+            halves = np.array_split(rng.permutation(n), 2)
+            e = np.empty(n)
+            v = np.empty(n, bool)
             for f in range(2):
                 test, train = halves[f], halves[1 - f]
-                # tune for accuracy within 100 m; ties broken by precision of verified answers
-                def key(g):
-                    vv = verified[g][train]
-                    prec = (errs[g][train][vv] <= 0.1).mean() if vv.any() else 0.0
-                    return ((errs[g][train] <= 0.1).mean(), prec)
 
-                g = max(grid, key=key)
-                picked.append(g)
-                e[test] = errs[g][test]
-                v[test] = verified[g][test]
+                def score(key, train=train):  # accuracy within 100 m, then precision of verified answers
+                    vv = verified[key][train]
+                    prec = (errs[key][train][vv] <= 0.1).mean() if vv.any() else 0.0
+                    return ((errs[key][train] <= 0.1).mean(), prec)
+
+                key = max(keys, key=score)
+                picked.append((Path(key[0]).stem, key[1]))
+                e[test] = errs[key][test]
+                v[test] = verified[key][test]
             held["acc25"].append((e <= 0.025).mean())
             held["acc100"].append((e <= 0.1).mean())
             held["acc1000"].append((e <= 1.0).mean())
-            held["median"].append(np.median(e))
-            held["ver_frac"].append(v.mean())
-            held["ver_prec"].append((e[v] <= 0.1).mean() if v.any() else 0.0)
-        row = {"inliers": path, "top": k, **{kk: round(float(np.mean(vv)), 4) for kk, vv in held.items()}}
-        from collections import Counter
-
-        row["picked"] = Counter(picked).most_common(3)
-        # each candidate's precision by inlier count (all candidates pooled)
-        right = haversine_km(gt_lat[:, None], gt_lon[:, None], cl, cn) <= 0.1
-        row["cand_precision"] = {f">={t}": round(float(right[inl >= t].mean()), 3) if (inl >= t).any() else None
-                                 for t in (10, 15, 20, 30, 50)}
-        rows.append(row)
+            held["median_km"].append(np.median(e))
+            held["verified_frac"].append(v.mean())
+            held["verified_precision"].append((e[v] <= 0.1).mean() if v.any() else 0.0)
+        row = {"inliers": sorted({k[0] for k in keys}), **{kk: round(float(np.mean(vv)), 4) for kk, vv in held.items()},
+               "acc100_range": [round(float(min(held["acc100"])), 4), round(float(max(held["acc100"])), 4)],
+               "picked": Counter(picked).most_common(3)}
+        if not args.joint:
+            row.update(info[keys[0][0]])
         print(json.dumps(row))
 
 
@@ -217,6 +279,8 @@ def main() -> None:
     e.add_argument("--out", required=True)
     e.add_argument("--top-k", type=int, default=1024)
     e.add_argument("--limit", type=int, default=0)
+    e.add_argument("--max-side", type=int, default=1024)
+    e.add_argument("--upscale", action="store_true", help="enlarge smaller images to --max-side too")
     v = sub.add_parser("verify")
     v.add_argument("--cache", required=True)
     v.add_argument("--candidates", required=True)
@@ -235,12 +299,29 @@ def main() -> None:
     ev.add_argument("--min-inliers", type=int, nargs="+", default=[8, 10, 12, 15, 20, 25, 30])
     ev.add_argument("--base", type=int, nargs="+", default=[0, 4, 6, 8, 10, 12, 15])
     ev.add_argument("--repeats", type=int, default=10)
+    ev.add_argument("--joint", action="store_true", help="pick the inlier file (variant) on the tuning half too")
+    mt = sub.add_parser("matches")
+    mt.add_argument("--cache", required=True)
+    mt.add_argument("--candidates", required=True)
+    mt.add_argument("--top", type=int, default=100)
+    mt.add_argument("--max-features", type=int, default=1024)
+    mt.add_argument("--max-ratio", type=float, default=0.95)
+    mt.add_argument("--out", required=True)
+    rs = sub.add_parser("ransac")
+    rs.add_argument("--matches", required=True)
+    rs.add_argument("--candidates", required=True)
+    rs.add_argument("--index", required=True)
+    rs.add_argument("--queries", required=True)
+    rs.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.95])
+    rs.add_argument("--px", type=float, nargs="+", default=[4.0, 8.0, 12.0])
+    rs.add_argument("--out-prefix", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--data", required=True, help="the Venice folder (reference.csv, images/)")
     t.add_argument("--n", type=int, default=200)
     t.add_argument("--locals", nargs="+", default=["delg", "xfeat", "aliked-n16"])
     args = ap.parse_args()
-    {"extract": _extract, "verify": _verify, "evaluate": _evaluate, "throughput": _throughput}[args.cmd](args)
+    {"extract": _extract, "verify": _verify, "matches": _matches, "ransac": _ransac, "evaluate": _evaluate,
+     "throughput": _throughput}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ class LearnedLocal:
     L2-normalised descriptors, best first. ``fingerprint`` covers the weights and the settings.
     """
 
-    def __init__(self, name: str, top_k: int = DEFAULT_TOP_K, max_side: int = DEFAULT_LOCAL_MAX_SIDE):
+    def __init__(self, name: str, top_k: int = DEFAULT_TOP_K, max_side: int = DEFAULT_LOCAL_MAX_SIDE, upscale: bool = False):
         import hashlib
         import json
 
@@ -50,9 +50,12 @@ class LearnedLocal:
         self.name = name
         self.top_k = int(top_k)
         self.max_side = int(max_side)
+        self.upscale = bool(upscale)  # also enlarge smaller images to max_side
         self.net = load_network(name)
         self.local_dim = 64 if name == "xfeat" else 128
         self.config = {"top_k": self.top_k, "max_side": self.max_side}
+        if self.upscale:
+            self.config["upscale"] = True
         desc = json.dumps({"weights": WEIGHTS[name].sha256, "name": name, "config": self.config}, sort_keys=True)
         self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()
 
@@ -62,7 +65,7 @@ class LearnedLocal:
 
         arr = image.array
         h, w = arr.shape[:2]
-        if max(h, w) > self.max_side:
+        if max(h, w) > self.max_side or (self.upscale and max(h, w) < self.max_side):
             f = self.max_side / float(max(h, w))
             size = (max(1, round(w * f)), max(1, round(h * f)))
             arr = np.asarray(Image.fromarray(arr).resize(size, Image.BILINEAR))
@@ -126,5 +129,5 @@ class WithLocalFeatures:
         return feats
 
 
-def load_local_for_cache(name: str, top_k: int = DEFAULT_TOP_K) -> WithLocalFeatures:
-    return WithLocalFeatures(None, LearnedLocal(name, top_k=top_k))
+def load_local_for_cache(name: str, **options) -> WithLocalFeatures:
+    return WithLocalFeatures(None, LearnedLocal(name, **options))
