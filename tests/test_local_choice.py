@@ -46,10 +46,10 @@ def test_manifest_records_the_choice(xfeat_index):
     # only the global scales run when the model's own local features are not used
     assert tuple(m.model_config["scales"]) == (0.7071, 1.0, 1.4142)
     counts = np.diff(idx.offsets)
-    assert m.num_images == N_REF and counts.max() <= 1024 and counts.min() > 100
+    # the compact store keeps the best 500 of the 1024 keypoints, PCA-projected (generic over the dimension)
+    assert m.num_images == N_REF and counts.max() <= 500 and counts.min() > 100
     kp, desc = idx.local_features(0)
-    assert desc.shape[1] == 64
-    np.testing.assert_allclose(np.linalg.norm(desc, axis=1), 1.0, atol=2e-3)
+    assert desc.shape == (counts[0], m.local["dim"]) and m.local["dim"] <= 64
     w, h = idx.image_size(0)
     assert (kp >= 0).all() and (kp[:, 0] < w).all() and (kp[:, 1] < h).all()
     assert WEIGHTS["xfeat"].sha256 not in m.local_fingerprint  # a fingerprint of weights *and* settings
@@ -66,7 +66,7 @@ def test_query_verifies_with_xfeat(xfeat_index):
     p = geo.locate(xfeat_index["venice"] / row.image)
     # the photo itself is in the index: it verifies with far more inliers than anything else
     assert p.method == "verified" and p.neighbour.image == row.image
-    assert p.inliers >= 200
+    assert p.inliers >= 150
     others = [a.inliers for a in p.alternatives]
     assert max(others, default=0) < p.inliers / 4
 
