@@ -34,8 +34,10 @@ class VerifyConfig:
 
 
 #: Verification settings per local-feature type (``index build --local``). ``delg``: as above.
-#: The learned types match all their keypoints (1024) with a tighter homography threshold;
-#: their thresholds were tuned on the Venice queries (README, "Local features").
+#: The learned types match all their keypoints (1024) with ratio 0.9 and a tighter homography
+#: threshold, the best of ratio 0.9/0.95 x 4/8/12 px for xfeat on the Venice queries (README,
+#: "Local features for verification"). The vote's settings (min inliers, base inliers, radius)
+#: are fitted per index by ``delg_geo.calibrate`` where the index is calibrated.
 VERIFY_DEFAULTS: dict[str, VerifyConfig] = {
     "delg": VerifyConfig(),
     "xfeat": VerifyConfig(px_threshold=4.0, ratio=0.9, max_features=1024, min_inliers=15),
