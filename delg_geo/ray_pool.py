@@ -207,5 +207,7 @@ def first_line(e: BaseException) -> str:
     cause = getattr(e, "cause", None) or e
     text = [t.strip() for t in str(cause).strip().splitlines() if t.strip()]
     msg = text[-1] if text else ""
+    if len(msg) > 200 and ". " in msg[40:]:  # Ray's own messages run on: their first sentence
+        msg = msg[: msg.index(". ", 40) + 1]
     name = type(cause).__name__
     return msg if msg.startswith(name) else f"{name}: {msg}" if msg else name

@@ -333,3 +333,32 @@ def test_killed_ray_bench_resumes_its_shards(collection, query_set, ray_cluster,
     np.testing.assert_allclose(again.global_desc, first.global_desc, atol=1e-5)
     n_kept = len(items) - redone - 1  # the broken query is among the kept shards' failures
     np.testing.assert_array_equal(again.inliers[:n_kept], first.inliers[:n_kept])  # read back, not recomputed
+
+
+_DYING_BUILD = textwrap.dedent("""
+    import sys
+    from index_builder.build import BuildOptions, build_index
+    from index_builder.ray_build import RayOptions
+    from delg_geo.models.lite_delg import LiteDelgExtractor
+    root, out, csv = sys.argv[1:4]
+    build_index(root, out, csv, extractor=LiteDelgExtractor(scales={scales}),
+                options=BuildOptions(progress=False, part_size=8), ray=RayOptions(workers=1, num_cpus=1),
+                log=lambda m: print(m, file=sys.stderr))
+""")
+
+
+def test_shard_whose_worker_dies_is_listed_with_the_reason(tmp_path):
+    """Every worker is killed (SIGKILL) as it writes its shard: Ray restarts it and retries once,
+    then the shard's images are listed with the reason; nothing is dropped or half-written."""
+    csv = _generated_collection(tmp_path, n=4)
+    out = tmp_path / "dying"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               DELG_GEO_TEST_KILL_AT="part-tmp")  # index_builder.build._write_part, before the rename
+    proc = subprocess.run([sys.executable, "-c", _DYING_BUILD.format(scales=SCALES), str(tmp_path), str(out), str(csv)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "DelgGeoError" in proc.stderr, proc.stderr[-3000:]  # nothing to index
+    assert "shard 0 failed on Ray" in proc.stderr
+    failed = [json.loads(line) for line in (out / ".building" / "failed.jsonl").read_text().splitlines() if line.strip()]
+    assert sorted(f["image"] for f in failed) == sorted(pd.read_csv(csv).image)
+    assert all("shard 0 failed on Ray" in f["reason"] and "Actor" in f["reason"] for f in failed), failed
+    assert not list((out / ".building" / "parts").glob("part-*.npz")) and not (out / "manifest.json").exists()
