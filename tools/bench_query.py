@@ -27,11 +27,12 @@ import pandas as pd  # noqa: E402
 def index_bytes_per_image(index_dir: Path, manifest) -> dict:
     n = manifest.num_images
     size = lambda *names: sum((index_dir / f).stat().st_size for f in names if (index_dir / f).exists())  # noqa: E731
-    out = {
-        "global (faiss + raw + whitening)": size("global.faiss", "global_raw.npy", "whitening.npz") / n,
+    out = {  # format 2 (compact) and format 1 file names alike: whichever the index has
+        "global (vectors, faiss, whitening, raw)": size("global.npy", "global.faiss", "global_raw.npy", "whitening.npz") / n,
         "global search index only (global.faiss)": size("global.faiss") / n,
-        "local (keypoints, descriptors, scores, offsets)": size(
-            "local_keypoints.npy", "local_descriptors.npy", "local_scores.npy", "local_offsets.npy") / n,
+        "local (keypoints, codes or descriptors, scores, offsets, codec)": size(
+            "local_keypoints.npy", "local_codes.npy", "local_codec.npz", "local_descriptors.npy", "local_scores.npy",
+            "local_offsets.npy") / n,
         "metadata (metadata.csv, manifest.json, skipped.csv)": size("metadata.csv", "manifest.json", "skipped.csv") / n,
     }
     out["total"] = sum(v for k, v in out.items() if "only" not in k)
