@@ -300,7 +300,8 @@ def main(argv=None) -> dict:
     cells = read_cells(args.cells)
     gen = Distractors(base, cells, args.distractors, args.chunk, args.seed, local, args.local_pool)
     log(f"adding {args.distractors} distractors in {len(gen)} chunks of {args.chunk} to a copy of {base}")
-    model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, False, m.model_config)
+    model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, False, m.model_config,
+                      m.local_features, m.local_fingerprint, m.local_config)  # queries keep the index's --local
     opts = CompactOptions(index_type=args.index_type, max_local=int(m.local.get("max_features", 500)), seed=args.seed)
     src = dict(distractors=args.distractors, local_features=local, cells=str(args.cells), seed=args.seed)
     mw = assemble_index(target, gen.loaders(), model, options=opts, base=base, skipped=m.skipped,
