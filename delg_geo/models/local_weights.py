@@ -70,19 +70,18 @@ class WeightsMissing(Exception):
 
 
 def user_dir() -> Path:
-    """``$DELG_GEO_HOME/weights`` (default ``~/.cache/delg-geo/weights``)."""
+    """``$DELG_GEO_HOME/weights`` (default ``~/.cache/delg-geo/weights``).
+
+    The same folder rule as ``delg_geo.config``, repeated because the build backend loads this
+    file on its own, before the package can be imported."""
     env = os.environ.get("DELG_GEO_HOME")
     base = Path(env).expanduser() if env else Path.home() / ".cache" / "delg-geo"
     return base / "weights"
 
 
 def search_dirs() -> list[Path]:
-    """Where weights are looked for: the package, ``$DELG_GEO_HOME/weights``, ``~/.cache/delg-geo/weights``."""
-    out = []
-    for d in (PACKAGE_DIR, user_dir(), Path.home() / ".cache" / "delg-geo" / "weights"):
-        if d not in out:
-            out.append(d)
-    return out
+    """Where weights are looked for: the package (the install puts them there), then ``user_dir()``."""
+    return [PACKAGE_DIR, user_dir()]
 
 
 def sha256_file(path: str | Path) -> str:
