@@ -71,13 +71,14 @@ def damaged_message(index_dir, name: str, why: str) -> str:
             f"--index {index_dir}`, then rebuild the index or restore it from a backup")
 
 
-def check_metadata(md, where: str | Path) -> None:
+def check_metadata(md, where: str | Path, columns=None) -> None:
     """Refuse a metadata table with missing columns, or coordinates or sizes that are not numbers
     in range: raises :class:`IndexFormatError` naming the file, the first bad line (the header
-    is line 1) and the value."""
+    is line 1) and the value. ``columns``: the file's header, when ``md`` holds only some of them."""
     import pandas as pd
 
-    missing = [c for c in ("image", "path", "lat", "lon", "width", "height") if c not in md.columns]
+    have = md.columns if columns is None else columns
+    missing = [c for c in ("image", "path", "lat", "lon", "width", "height") if c not in have]
     if missing:
         raise IndexFormatError(f"damaged index: {where} lacks the column(s) {', '.join(missing)}; rebuild the index")
     checks = (("lat", -90.0, 90.0, "a latitude"), ("lon", -180.0, 180.0, "a longitude"),
@@ -218,7 +219,7 @@ def verify_index(index_dir: str | Path, progress=None) -> dict:
             bad = idx.damaged_images()
             checked.append("local features")
             for i, why in bad[:20]:
-                problems.append(f"image {i} ({idx.metadata.at[i, 'image']}): local features: {why}")
+                problems.append(f"image {i} ({idx.table.image(i)}): local features: {why}")
             if len(bad) > 20:
                 problems.append(f"... {len(bad) - 20} more images with damaged local features")
         except IndexFormatError as e:

@@ -252,7 +252,6 @@ class Geolocator:
         timings = timings or {}
         cfg = self.config
         rule = self.rule
-        md = self.index.metadata
         ids, sims, inliers = np.asarray(ids), np.asarray(sims), np.asarray(inliers)
         if len(ids) == 0:
             from .integrity import damaged_message
@@ -261,7 +260,7 @@ class Geolocator:
         damage_note = ""
         if (inliers < 0).any():  # damaged candidates: skipped, never used silently
             bad = ids[inliers < 0]
-            whys = [f"id {int(i)} ({md.at[int(i), 'image']}): {self.index.candidate_problem(int(i), *self.index.local_features(int(i)))}"
+            whys = [f"id {int(i)} ({self.index.image_name(int(i))}): {self.index.candidate_problem(int(i), *self.index.local_features(int(i)))}"
                     for i in bad[:3]]
             damage_note = (f"skipped {len(bad)} damaged candidate(s) whose stored local features cannot be trusted "
                            f"({'; '.join(whys)}{'; ...' if len(bad) > 3 else ''}); check the index with "
@@ -294,7 +293,7 @@ class Geolocator:
             return float(max(0.0, sims[j]) * 0.5 * (knn_score if np.isfinite(knn_score) else 1.0))
 
         conf = score(best, lat, lon, verified, d.knn_score)
-        neighbour = Neighbour(bid, str(md.at[bid, "image"]), float(self.index.lats[bid]), float(self.index.lons[bid]),
+        neighbour = Neighbour(bid, self.index.image_name(bid), float(self.index.lats[bid]), float(self.index.lons[bid]),
                               float(sims[best]), int(inliers[best]))
         alts: list[Alternative] = []
         shown = [(lat, lon)]
@@ -309,7 +308,7 @@ class Geolocator:
                 continue
             shown.append((clat, clon))
             s = score(int(j), clat, clon, bool(verified and inliers[j] >= rule.min_inliers))
-            alts.append(Alternative(cid, str(md.at[cid, "image"]), clat, clon, round(s, 4), int(inliers[j]),
+            alts.append(Alternative(cid, self.index.image_name(cid), clat, clon, round(s, 4), int(inliers[j]),
                                     float(sims[j]), float(dist[0])))
         pred = Prediction(
             image=str(label), lat=lat, lon=lon, method=method, confidence=round(conf, 4),

@@ -132,12 +132,12 @@ def reference_path(index, i: int) -> Path | None:
     from, unless that build allowed paths outside it (``--allow-outside``): a symlink placed or
     swapped in later cannot make the server hand out other files.
     """
-    md = index.metadata
+    row = index.table.row(i)
     cands = []
-    if "path" in md.columns:
-        cands.append(md.at[i, "path"])
-    if "image" in md.columns:
-        cands.append(Path(index.path) / str(md.at[i, "image"]))
+    if row.get("path"):
+        cands.append(row["path"])
+    if row.get("image"):
+        cands.append(Path(index.path) / row["image"])
     roots = _allowed_roots(index)
     for c in cands:
         if not (isinstance(c, (str, Path)) and str(c) and Path(c).is_file()):

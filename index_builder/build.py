@@ -21,8 +21,8 @@ import pandas as pd
 
 from delg_geo.errors import DelgGeoError, IndexFormatError
 from delg_geo.extract import iter_extract
-from delg_geo.integrity import damaged_message, file_problem
-from delg_geo.index import MANIFEST, check_metadata, now_iso, read_manifest, write_atomic
+from delg_geo.integrity import check_metadata, damaged_message, file_problem
+from delg_geo.index import MANIFEST, now_iso, read_manifest, write_atomic
 from index_builder.assemble import (
     BUILDING,
     STAGING,
