@@ -34,6 +34,7 @@ import numpy as np
 from .decision import EVIDENCE, EVIDENCE_SIGNS, DecisionRule, decide_candidates, evidence_at
 from .errors import DelgGeoError
 from .geo import haversine_km
+from .knn import fine_scale
 from .monotone import IsotonicMap, LogisticMap, fit_isotonic, fit_logistic
 
 CALIBRATION_FILE = "calibration.json"
@@ -259,7 +260,8 @@ def answers(lats, lons, sq: SelfQueries, rule: DecisionRule, knn_sigma_km: float
         v = sq.ids[r] >= 0
         c = sq.ids[r][v]
         la, lo, si, il = lats[c], lons[c], sq.similarities[r][v], sq.inliers[r][v]
-        d = decide_candidates(la, lo, si, il, rule, verify=verify, knn_sigma_km=knn_sigma_km)
+        d = decide_candidates(la, lo, si, il, rule, verify=verify, knn_sigma_km=knn_sigma_km,
+                              knn_fine_km=fine_scale(knn_sigma_km, radius_km))  # as Geolocator votes
         err[r] = haversine_km(lats[qi], lons[qi], d.lat, d.lon)
         ev[r] = evidence_at(d.lat, d.lon, la, lo, si, il, rule, radius_km, d.verified)
     return err, ev

@@ -87,7 +87,7 @@ def vote_verified(
 
 def decide_candidates(
     lats, lons, sims, inliers, rule: DecisionRule, *, verify: bool = True, fallback: str = "knn",
-    knn_sigma_km: float = 0.1,
+    knn_sigma_km: float = 0.1, knn_fine_km: float | None = None,
 ) -> Decision:
     """The answer among one query's candidates (arrays of equal length, at least one)."""
     lats = np.asarray(lats, np.float64)
@@ -101,7 +101,7 @@ def decide_candidates(
     if verify and fallback == "knn" and len(sims) > 1:
         from .knn import knn_vote
 
-        lat, lon, score = knn_vote(lats, lons, sims, knn_sigma_km)
+        lat, lon, score = knn_vote(lats, lons, sims, knn_sigma_km, fine_sigma_km=knn_fine_km)
         best = int(np.argmin(haversine_km(lats, lons, lat, lon)))  # the candidate nearest the voted position
         order = np.concatenate([[best], order[order != best]])
         return Decision(best, order, float(lat), float(lon), False, float(score))

@@ -16,7 +16,7 @@ import numpy as np
 
 from .geo import haversine_km, latlon_to_unit
 
-__all__ = ["knn_vote"]
+__all__ = ["knn_vote", "vote_scales", "fine_scale", "default_sigma_km"]
 
 def _weighted_mean_latlon(lats: np.ndarray, lons: np.ndarray, w: np.ndarray) -> tuple[float, float]:
     m = (w[:, None] * latlon_to_unit(lats, lons)).sum(axis=0)
@@ -31,6 +31,7 @@ def knn_vote(
     *,
     refine: bool = True,
     power: float = 1.0,
+    fine_sigma_km: float | None = None,
 ) -> tuple[float, float, float]:
     """Kernel-density vote over the top-k neighbours of one query.
 
@@ -41,6 +42,12 @@ def knn_vote(
     otherwise that neighbour's own position. Returns ``(lat, lon, score)``, score in [0, 1].
     Ties go to the earlier neighbour; if no neighbour has a positive similarity the first valid
     neighbour is returned with score 0.
+
+    ``fine_sigma_km`` (below ``sigma_km``): a second, finer vote inside the winning place. The
+    coarse vote picks the region (the neighbours within ``2 * sigma_km`` of its winner; the score
+    is its share), then the same vote with the fine bandwidth picks the spot inside it. For a
+    collection spread over the world (``sigma_km`` 25 km) this answers a city's best-supported
+    street rather than the city's weighted centre.
     """
     lats = np.asarray(neigh_lats, dtype=np.float64).ravel()
     lons = np.asarray(neigh_lons, dtype=np.float64).ravel()
@@ -62,6 +69,10 @@ def knn_vote(
     density = kernel @ w
     best = int(np.argmax(density))  # first maximum on ties
     score = float(min(density[best] / total, 1.0))
+    if fine_sigma_km is not None and 0 < fine_sigma_km < sigma_km:
+        region = np.flatnonzero(d[best] <= 2.0 * float(sigma_km))
+        lat, lon, _ = knn_vote(lats[region], lons[region], s[region], fine_sigma_km, refine=refine, power=power)
+        return lat, lon, score
     if not refine:
         return float(lats[best]), float(lons[best]), score
     near = d[best] <= sigma_km
@@ -70,6 +81,19 @@ def knn_vote(
         return float(lats[best]), float(lons[best]), score
     lat, lon = _weighted_mean_latlon(lats[near], lons[near], wn)
     return lat, lon, score
+
+
+def vote_scales(lats, lons, radius_km: float) -> tuple[float, float | None]:
+    """``(sigma_km, fine_sigma_km)`` of an index's kNN vote: the collection's bandwidth
+    (:func:`default_sigma_km`) and, where that is coarser than the index's confidence radius, a
+    fine vote at that radius inside the winning region (``None`` otherwise)."""
+    sigma = default_sigma_km(lats, lons)
+    return sigma, fine_scale(sigma, radius_km)
+
+
+def fine_scale(sigma_km: float, radius_km: float) -> float | None:
+    """The fine vote's bandwidth for a collection bandwidth and a confidence radius (or None)."""
+    return float(radius_km) if 0 < radius_km < sigma_km else None
 
 
 def default_sigma_km(lats, lons) -> float:

@@ -124,9 +124,6 @@ class Geolocator:
             verify_config=config.verify_config or VERIFY_DEFAULTS[local],
             vote_base_inliers=VOTE_BASE_DEFAULTS[local] if config.vote_base_inliers is None else config.vote_base_inliers,
         )
-        from .knn import default_sigma_km
-
-        self.knn_sigma_km = self.config.knn_sigma_km or default_sigma_km(index.lats, index.lons)
         from .calibrate import load_index_calibration
 
         vc = self.config.verify_config
@@ -135,6 +132,13 @@ class Geolocator:
                      else DecisionRule(vc.min_inliers, self.config.vote_base_inliers, self.config.vote_radius_km))
         self.confidence_radius_km = float(self.calibration.radius_km if self.calibration
                                           else index.manifest.confidence_radius_km)
+        from .knn import vote_scales
+
+        # the kNN fallback's bandwidth: the collection's, then the confidence radius inside the
+        # winning region when the collection is wider (a world index: 25 km, then 100 m)
+        self.knn_sigma_km, self.knn_fine_km = vote_scales(index.lats, index.lons, self.confidence_radius_km)
+        if self.config.knn_sigma_km:
+            self.knn_sigma_km, self.knn_fine_km = self.config.knn_sigma_km, None
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.workers))
 
     @classmethod
@@ -273,7 +277,7 @@ class Geolocator:
         lats_c = self.index.lats[ids]
         lons_c = self.index.lons[ids]
         d = decide_candidates(lats_c, lons_c, sims, inliers, rule, verify=cfg.verify, fallback=cfg.fallback,
-                              knn_sigma_km=self.knn_sigma_km)
+                              knn_sigma_km=self.knn_sigma_km, knn_fine_km=self.knn_fine_km)
         best, order, lat, lon, verified = d.best, d.order, d.lat, d.lon, d.verified
         bid = int(ids[best])
         method, note = ("verified", "") if verified else ("global", "")

@@ -120,17 +120,25 @@ class Part:
 
     def keep_rows(self, max_local: int) -> np.ndarray:
         """Rows of the best ``max_local`` features of every image (by score when known)."""
-        if self.scores is None and (len(self.counts) == 0 or int(np.max(self.counts)) <= max_local):
-            return np.arange(int(np.sum(self.counts)), dtype=np.int64)  # every feature is kept
-        off = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
-        rows = []
-        for i in range(len(self.counts)):
-            a, b = off[i], off[i + 1]
-            if self.scores is not None and b - a > max_local:
-                rows.append(a + np.sort(np.argsort(-self.scores[a:b], kind="stable")[:max_local]))
-            else:
-                rows.append(np.arange(a, min(b, a + max_local)))
-        return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+        return best_feature_rows(self.counts, self.scores, max_local)
+
+
+def best_feature_rows(counts: np.ndarray, scores: np.ndarray | None, max_local: int) -> np.ndarray:
+    """Rows of the best ``max_local`` local features of every image (highest score first when
+    scores are known, else the first ones), in their original order. Checkpoints keep only
+    these (``build._write_part``) and the index keeps them again: the same rows either way."""
+    counts = np.asarray(counts, np.int64)
+    if len(counts) == 0 or int(np.max(counts)) <= max_local:
+        return np.arange(int(np.sum(counts)), dtype=np.int64)  # every feature is kept
+    off = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rows = []
+    for i in range(len(counts)):
+        a, b = off[i], off[i + 1]
+        if scores is not None and b - a > max_local:
+            rows.append(a + np.sort(np.argsort(-scores[a:b], kind="stable")[:max_local]))
+        else:
+            rows.append(np.arange(a, min(b, a + max_local)))
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
 PartLoader = Callable[[], Part]

@@ -75,7 +75,7 @@ class ExtractWorker:
         check_shared(host, [(f"{building_dir}/state.json", "the index folder"), (probe_image, "the images")])
         return dict(host=host, pid=os.getpid(), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""))
 
-    def extract_shard(self, index_dir: str, number: int, items: list[tuple[str, str]]) -> dict:
+    def extract_shard(self, index_dir: str, number: int, items: list[tuple[str, str]], max_local: int | None = None) -> dict:
         """Extract ``items`` ((key, path) pairs) and write them as part ``number``."""
         from delg_geo.extract import iter_extract
         from index_builder.build import _write_part
@@ -90,7 +90,7 @@ class ExtractWorker:
             else:
                 failures.append((key, res.error))
         if rows:
-            _write_part(Path(index_dir), number, rows, self.extractor)
+            _write_part(Path(index_dir), number, rows, self.extractor, max_local)
         return dict(number=number, written=len(rows), failures=failures, seconds=time.perf_counter() - t0,
                     host=socket.gethostname())
 
@@ -138,7 +138,8 @@ def extract_on_ray(index_dir, keys_in_order, todo, done, next_part, model, extra
         try:
             info["failed_shards"] = run_shards(
                 ray, actors, start, [(next_part + i, run) for i, run in enumerate(runs)],
-                lambda a, number, run: a.extract_shard.remote(str(index_dir), number, [(k, paths[k]) for k in run]),
+                lambda a, number, run: a.extract_shard.remote(str(index_dir), number, [(k, paths[k]) for k in run],
+                                                                     opts.compact.max_local),
                 on_done, on_failed, progress="index (ray)" if opts.progress else False,
             )
         except KeyboardInterrupt:

@@ -305,3 +305,26 @@ def test_knn_vote_edge_cases():
         knn_vote([45.0], [12.0, 13.0], [0.5], sigma_km=1.0)
     with pytest.raises(ValueError):
         knn_vote([45.0], [12.0], [0.5], sigma_km=0.0)
+
+
+def test_knn_vote_two_scales_for_a_world_collection():
+    """A world index votes at 25 km: the fine vote then picks the best spot inside the winning
+    city instead of the city's weighted centre, and leaves the region choice alone."""
+    from delg_geo.knn import fine_scale, vote_scales
+
+    # Venice: a strong pair at one square, three single photos across the city; plus two photos
+    # in Paris that together outweigh any single Venice spot but not Venice as a whole.
+    lats = np.array([45.43412, 45.43415, 45.4380, 45.4300, 45.4400, 48.8566, 48.8570])
+    lons = np.array([12.33884, 12.33890, 12.3300, 12.3450, 12.3200, 2.3522, 2.3530])
+    sims = np.array([0.40, 0.38, 0.30, 0.30, 0.30, 0.45, 0.45])
+    coarse_lat, coarse_lon, score = knn_vote(lats, lons, sims, sigma_km=25.0)
+    assert 0.2 < haversine_km(coarse_lat, coarse_lon, 45.43412, 12.33884) < 2  # the city's centre
+    lat, lon, score2 = knn_vote(lats, lons, sims, sigma_km=25.0, fine_sigma_km=0.1)
+    assert haversine_km(lat, lon, 45.43412, 12.33884) < 0.01  # the square
+    assert score2 == pytest.approx(score) and score == pytest.approx(1.68 / 2.58, abs=0.01)
+    # fine-only inside the region: Paris's pair is the densest 100 m spot overall, yet Venice wins
+    assert haversine_km(*knn_vote(lats, lons, sims, sigma_km=0.1)[:2], 48.8568, 2.3526) < 0.1
+    # the bandwidths: a Venice-size collection keeps one scale, a world one gets the fine vote
+    assert fine_scale(0.096, 0.1) is None and fine_scale(25.0, 0.1) == 0.1
+    world = vote_scales(np.r_[lats, -33.86, 40.7], np.r_[lons, 151.2, -74.0], 0.1)
+    assert world == (25.0, 0.1)

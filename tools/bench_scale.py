@@ -188,7 +188,10 @@ def query_worker(index: Path, queries: Path, images: Path | None, top_k: int, li
     from delg_geo.locate import Geolocator, LocateConfig
     from delg_geo.queries import read_queries
 
-    items, _ = read_queries(queries, images)
+    items, skipped = read_queries(queries, images)
+    if not items:
+        first = f" (first: {skipped[0]})" if skipped else ""
+        raise SystemExit(f"no query of {queries} could be read{first}; --images is the folder its paths are relative to")
     if limit:
         items = items[:limit]
     t0 = time.perf_counter()
