@@ -120,7 +120,7 @@ def extract(
 
 
 def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out, add, yfcc=None, ray=None, keep_raw=False,
-           confidence_radius_km=None, calibrate=None, local=None):
+           confidence_radius_km=None, calibrate=None, local=None, compact=None):
     from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
@@ -135,7 +135,8 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
         images_dir, index, metadata, from_exif=from_exif, fmt=fmt, model=model, local=local, resume=resume, add=add,
         overwrite=overwrite, allow_outside=allow_outside,
         options=BuildOptions(index_type=index_type, batch_size=batch_size, progress=not json_out,
-                             compact=CompactOptions(keep_raw=keep_raw), confidence_radius_km=confidence_radius_km,
+                             compact=CompactOptions(keep_raw=keep_raw, **(compact or {})),
+                             confidence_radius_km=confidence_radius_km,
                              calibrate=calibrate), ray=ray, log=log,
     )
     d = rep.to_dict()
@@ -175,6 +176,9 @@ def index_build(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
     keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the model's float32 global descriptors (5 KB an image)."),
+    local_codec: str = typer.Option("pca-int8", "--local-codec", help="Local descriptor storage: pca-int8, pq, pca-binary or float16 (README: the table of choices)."),
+    local_dim: int = typer.Option(48, "--local-dim", min=0, help="PCA dimension of the local descriptors (0: the model's own)."),
+    max_local: int = typer.Option(500, "--max-local", min=1, help="Local features kept per image (the highest-attention ones)."),
     confidence_radius_km: Optional[float] = typer.Option(
         None, "--confidence-radius-km", help="Confidence = probability of being within this radius (default 0.1)."),
     calibrate: Optional[bool] = typer.Option(
@@ -185,10 +189,14 @@ def index_build(
     """Index a geotagged image collection (compact: about 27 KB an image)."""
     if confidence_radius_km is not None and not confidence_radius_km > 0:
         raise DelgGeoError(f"--confidence-radius-km must be positive, got {confidence_radius_km}")
+    from .store import LOCAL_CODECS
+
+    if local_codec not in LOCAL_CODECS:
+        raise typer.BadParameter(f"{local_codec!r} is not one of {', '.join(LOCAL_CODECS)}", param_hint="--local-codec")
     ray = _ray_options(use_ray, ray_address, workers)
     _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out,
            add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate,
-           local=local)
+           local=local, compact=dict(local_codec=local_codec, local_dim=local_dim or None, max_local=max_local))
 
 
 def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):

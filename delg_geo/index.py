@@ -37,6 +37,7 @@ import numpy as np
 from .errors import IndexFormatError
 from .integrity import damaged_message, faiss_problem, file_problem, local_features_problem, reference_norm
 from .metadata_table import MetadataTable
+from .rowfile import NpyRows
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -242,16 +243,17 @@ def to_device(index):
         return index, "cpu"
 
 
-def search_refined(index, vectors: np.ndarray, q: np.ndarray, k: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` by exact inner product with ``vectors`` (e.g. a float16 memory map) among the
-    compressed ``index``'s top ``k * refine``: (sims, ids), each (nq, k), -1 where fewer exist."""
+def search_refined(index, vectors, q: np.ndarray, k: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top ``k`` by exact inner product with ``vectors`` (an array, or a :class:`NpyRows` reader of
+    ``global.npy``) among the compressed ``index``'s top ``k * refine``: (sims, ids), each (nq, k),
+    -1 where fewer exist."""
     q = np.ascontiguousarray(q, np.float32)
     _, cand = index.search(q, min(len(vectors), k * refine))
     sims = np.full((len(q), k), -np.inf, np.float32)
     ids = np.full((len(q), k), -1, np.int64)
     for r, row in enumerate(cand):
-        row = np.unique(row[row >= 0])  # sorted: the memory map is read in order
-        s = np.asarray(vectors[row], np.float32) @ q[r]
+        row = np.unique(row[row >= 0])  # sorted: the file is read in order
+        s = np.asarray(vectors.take(row) if isinstance(vectors, NpyRows) else vectors[row], np.float32) @ q[r]
         top = np.argsort(-s, kind="stable")[:k]
         sims[r, : len(top)], ids[r, : len(top)] = s[top], row[top]
     return sims, ids
@@ -305,6 +307,7 @@ class GeoIndex:
                         cpu_index.add(np.asarray(self.global_vectors[a : a + 65536], np.float32))
                 else:
                     self.refine = int(m.search.get("refine", 0))
+                    self._refine_rows = NpyRows(self.path / "global.npy")  # pread: RSS stays flat
                 self.local = LocalStore(self.path, self.sizes[:, 0], self.sizes[:, 1])
         except IndexFormatError:
             raise
@@ -349,7 +352,7 @@ class GeoIndex:
         """(sims, ids), each (nq, k), for whitened queries; compressed indexes re-score exactly."""
         if not self.refine:
             return self.faiss_index.search(np.ascontiguousarray(q, np.float32), k)
-        return search_refined(self.faiss_index, self.global_vectors, q, k, self.refine)
+        return search_refined(self.faiss_index, self._refine_rows, q, k, self.refine)
 
     def search_vectors(self) -> np.ndarray:
         """(N, d) float32 whitened global descriptors of every image, as FAISS searches them."""

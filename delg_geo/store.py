@@ -18,8 +18,8 @@ Keypoints are stored as ``uint16`` pixels (rounded; a 12 px RANSAC threshold mak
 rounding irrelevant), in units of ``keypoint_unit(width, height)`` pixels so that images wider
 than 65535 px still fit.
 
-Files (plain ``.npy`` / ``.npz``, memory-mapped when read, so a query reads only its candidates'
-records and needs no RAM in proportion to the store)::
+Files (plain ``.npy`` / ``.npz``; a query reads only its candidates' records, with ``pread``, and
+needs no RAM in proportion to the store)::
 
     local_offsets.npy    (N + 1,) int64: image i owns rows offsets[i]:offsets[i+1]
     local_keypoints.npy  (M, 2) uint16
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .features import l2_normalize
+from .rowfile import NpyRows
 
 LOCAL_CODECS = ("float16", "pca-int8", "pca-binary", "pq")
 
@@ -190,8 +191,12 @@ class LocalStore:
     def __init__(self, index_dir: Path, widths: np.ndarray, heights: np.ndarray):
         self.codec = LocalCodec.load(index_dir / "local_codec.npz")
         self.offsets = np.load(index_dir / "local_offsets.npy")
+        # memory maps for whole-store work (checks, tools); a query's candidates are read with
+        # pread (delg_geo.rowfile), so its resident memory does not grow with the store
         self.keypoints = np.load(index_dir / "local_keypoints.npy", mmap_mode="r")
         self.codes = np.load(index_dir / "local_codes.npy", mmap_mode="r")
+        self._kp_rows = NpyRows(index_dir / "local_keypoints.npy")
+        self._code_rows = NpyRows(index_dir / "local_codes.npy")
         self.units = keypoint_unit(widths, heights)
 
     def query(self, descriptors: np.ndarray) -> np.ndarray:
@@ -199,7 +204,8 @@ class LocalStore:
 
     def features(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return decode_keypoints(self.keypoints[a:b], int(self.units[i])), self.codec.decode(self.codes[a:b])
+        return (decode_keypoints(self._kp_rows.rows(a, b), int(self.units[i])),
+                self.codec.decode(self._code_rows.rows(a, b)))
 
 
 class LegacyLocalStore:

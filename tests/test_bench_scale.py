@@ -98,3 +98,17 @@ def test_bench_scale_one_million(tmp_path):
     assert out["peak_rss_gb"] <= 4.0
     assert out["query_ms_p50"] <= 1000
     assert out["accuracy_at_100m"] >= out["accuracy_at_100m_without"] - 0.02
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM is Linux's")
+def test_query_process_peak_memory_is_its_own():
+    """The query process's peak excludes what its parent held when it was started (ru_maxrss
+    does not: it reported the distractor generator's memory as the query process's)."""
+    held = np.ones(400 * 2**20, np.uint8)  # 400 MB resident in this (the parent) process
+    code = ("import sys, resource; sys.path.insert(0, 'tools'); from bench_scale import peak_rss_kb; "
+            "print(peak_rss_kb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(REPO))).stdout.split()
+    own, inherited = int(out[0]) / 1024, int(out[1]) / 1024
+    assert held.sum() == held.size
+    assert inherited > 400 and own < 300, (own, inherited)

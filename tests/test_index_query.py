@@ -417,3 +417,29 @@ def test_cli_build_records_the_confidence_radius(built, tmp_path):
     bad = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
                               str(tmp_path / "idx2"), "--confidence-radius-km", "0"])
     assert bad.exit_code != 0 and not (tmp_path / "idx2").exists()
+
+
+def test_cli_build_sets_the_local_store(built, tmp_path):
+    """--local-codec/--local-dim/--max-local reach the compact store and its manifest."""
+    from typer.testing import CliRunner
+
+    from delg_geo.cli import app
+    from delg_geo.index import GeoIndex
+
+    small = tmp_path / "small.csv"
+    pd.read_csv(built["ref_csv"]).head(6).to_csv(small, index=False)
+    runner = CliRunner()
+    res = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
+                              str(tmp_path / "idx"), "--local-dim", "24", "--max-local", "120", "--json"])
+    assert res.exit_code == 0, res.output
+    m = read_manifest(tmp_path / "idx")
+    assert m.local["kind"] == "pca-int8" and m.local["dim"] == 24 and m.local["max_features"] == 120
+    idx = GeoIndex(tmp_path / "idx", device="cpu")
+    assert idx.local.codes.shape[1] == 24 and int(np.diff(idx.offsets).max()) == 120
+    bad = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
+                              str(tmp_path / "idx2"), "--local-codec", "jpeg"])
+    import re
+
+    said = re.sub(r"[\s│╭╮╰╯─]+", " ", bad.output)  # the usage error as rich boxes and wraps it
+    assert bad.exit_code == 2 and "'jpeg' is not one of float16, pca-int8, pca-binary, pq" in said
+    assert not (tmp_path / "idx2").exists()
