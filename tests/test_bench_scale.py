@@ -60,6 +60,17 @@ def test_distractor_model_matches_the_index(tmp_path):
     g_only = bs.Distractors(geo.index.path, cells, 10, 10, seed=0, local=False)
     q = g_only.part(0)
     assert q.counts.sum() == 0 and len(q.local_codes) == 0 and g_only.pool is None
+    # --distractor-model elsewhere: same positions; far from Venice the vectors are turned away
+    # from the collection's (less similar to the real photos), inside Venice they are unchanged
+    other = bs.Distractors(geo.index.path, cells, 2500, 1000, seed=0, local=True, pool=20_000, model="elsewhere")
+    o = other.part(1)
+    pd.testing.assert_frame_equal(o.metadata, p.metadata)
+    np.testing.assert_allclose(np.linalg.norm(o.global_vectors, axis=1), 1.0, atol=1e-5)
+    home = d <= other.home_km
+    np.testing.assert_array_equal(o.global_vectors[home], p.global_vectors[home])
+    far = ~home
+    s_other = np.sort(o.global_vectors[far] @ real.T, axis=1)[:, -1].mean()
+    assert s_other < np.sort(p.global_vectors[far] @ real.T, axis=1)[:, -1].mean()
 
 
 def test_bench_scale_small_run(tmp_path):
@@ -112,3 +123,22 @@ def test_query_process_peak_memory_is_its_own():
     own, inherited = int(out[0]) / 1024, int(out[1]) / 1024
     assert held.sum() == held.size
     assert inherited > 400 and own < 300, (own, inherited)
+
+
+def test_distractor_realism_tool(tmp_path):
+    """tools/distractor_realism.py on the tiny index: the mixture scores its own samples above
+    rotated ones, references find themselves, and distractors can only push them down."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import distractor_realism as dr
+
+    geo, ref, venice = tiny_index(tmp_path / "tiny")
+    ref.head(3)[["image", "lat", "lon"]].to_csv(tmp_path / "queries.csv", index=False)
+    out = dr.describe(geo.index.path, tmp_path / "queries.csv", venice, shared_path("exif_gps"), n=2000, limit=3)
+    pop = out["population"]
+    assert out["queries"] == 3 and "real photos elsewhere (9)" in pop
+    assert pop["look-alike samples (bench_scale)"]["loglik_median"] > pop["rotated samples"]["loglik_median"]
+    r = out["retrieval"]
+    assert r["without distractors"] == {"top1": 1.0, "top10": 1.0, "top100": 1.0}
+    for kind in ("look-alike", "rotated"):
+        got = r[f"2000 {kind} distractors"]
+        assert 0 <= got["top1"] <= got["top10"] <= got["top100"] <= 1.0

@@ -50,6 +50,12 @@ import pandas as pd  # noqa: E402
 
 DEFAULT_CELLS = Path(__file__).resolve().parents[2] / "shared" / "data" / "im2gps_meta" / "geo-cells" / "cells_50_1000.csv"
 EARTH_KM_PER_DEG = 111.32
+#: look-alike: every distractor's global vector from the mixture fitted to the index (the issue's
+#: protocol: a million more photos of the index's city, placed around the world). elsewhere: the
+#: same inside the collection's own area; beyond it, the mixture turned by one of 16 random
+#: rotations (by S2 cell), i.e. places with the same statistics that do not look like the city
+#: (tools/distractor_realism.py measures both against real photos taken elsewhere).
+DISTRACTOR_MODELS = ("look-alike", "elsewhere")
 
 
 def log(msg: str) -> None:
@@ -99,6 +105,12 @@ def _sample(rng, mix, n: int) -> np.ndarray:
     return out
 
 
+def random_rotation(d: int, seed: int) -> np.ndarray:
+    """A (d, d) orthogonal matrix drawn uniformly (Haar), seeded."""
+    q, r = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
 def _cell_level(token: str) -> int:
     """The S2 level of a cell token (hex, trailing zeros stripped)."""
     cid = int(token.ljust(16, "0"), 16)
@@ -120,13 +132,24 @@ class Distractors:
     """Fitted once on a compact index; ``part(j)`` generates chunk ``j`` (seeded, repeatable)."""
 
     def __init__(self, index_dir: Path, cells: pd.DataFrame, n: int, chunk: int, seed: int, local: bool,
-                 pool: int = 4_000_000):
+                 pool: int = 4_000_000, model: str = "look-alike"):
         from delg_geo.store import LocalCodec, decode_keypoints, keypoint_unit
 
-        self.n, self.chunk, self.seed, self.local = n, chunk, seed, local
+        if model not in DISTRACTOR_MODELS:
+            raise SystemExit(f"--distractor-model {model!r}: use one of {', '.join(DISTRACTOR_MODELS)}")
+        self.n, self.chunk, self.seed, self.local, self.model = n, chunk, seed, local, model
         rng = np.random.default_rng(seed)
         g = np.asarray(np.load(index_dir / "global.npy", mmap_mode="r"), np.float32)
         self.global_mix = _mixture(g, 16, seed)
+        self.global_mean = g.mean(axis=0)
+        if model == "elsewhere":  # a rotation of the mixture per group of S2 cells: other places
+            self.rotations = np.stack([random_rotation(g.shape[1], 1000 + i) for i in range(16)])
+            md_ll = pd.read_csv(index_dir / "metadata.csv", usecols=["lat", "lon"])
+            from delg_geo.geo import haversine_km, weighted_centroid
+
+            self.home = weighted_centroid(md_ll.lat.to_numpy(np.float64), md_ll.lon.to_numpy(np.float64))
+            spread = haversine_km(md_ll.lat.to_numpy(), md_ll.lon.to_numpy(), *self.home)
+            self.home_km = float(np.quantile(spread, 0.99)) + 5.0  # the collection's own area
         self.codec = LocalCodec.load(index_dir / "local_codec.npz")
         codes = np.load(index_dir / "local_codes.npy", mmap_mode="r")
         rows = np.sort(rng.choice(len(codes), min(len(codes), 200_000), replace=False))
@@ -168,7 +191,8 @@ class Distractors:
             counts = np.zeros(n, np.int64)
             kp = np.zeros((0, 2), np.float32)
             codes = np.zeros((0, self.codec.code_width), self.codec.code_dtype)
-        cell = self.cells[rng.choice(len(self.cells), n, p=self.cell_p)]
+        cell_idx = rng.choice(len(self.cells), n, p=self.cell_p)
+        cell = self.cells[cell_idx]
         dlat = rng.uniform(-0.5, 0.5, n) * cell[:, 2] / EARTH_KM_PER_DEG
         lat = np.clip(cell[:, 0] + dlat, -89.9, 89.9)
         dlon = rng.uniform(-0.5, 0.5, n) * cell[:, 2] / (EARTH_KM_PER_DEG * np.maximum(np.cos(np.radians(lat)), 0.05))
@@ -176,8 +200,17 @@ class Distractors:
         names = [f"distractor/{i:09d}" for i in range(a, b)]
         md = pd.DataFrame(dict(image=names, path=names, lat=np.round(lat, 6), lon=np.round(lon, 6),
                                width=sizes[:, 0], height=sizes[:, 1]))
-        return Part(metadata=md, counts=counts, keypoints=kp, global_vectors=_sample(rng, self.global_mix, n),
-                    local_codes=codes)
+        g = _sample(rng, self.global_mix, n)
+        if self.model == "elsewhere":
+            from delg_geo.geo import haversine_km
+
+            away = haversine_km(lat, lon, *self.home) > self.home_km
+            group = cell_idx % len(self.rotations)
+            for r in np.unique(group[away]):
+                rows = np.flatnonzero(away & (group == r))
+                y = self.global_mean + (g[rows] - self.global_mean) @ self.rotations[r].T
+                g[rows] = y / np.linalg.norm(y, axis=1, keepdims=True)
+        return Part(metadata=md, counts=counts, keypoints=kp, global_vectors=g, local_codes=codes)
 
 
 # -- the query process ----------------------------------------------------------------------------
@@ -271,6 +304,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--chunk", type=int, default=5000, help="distractors generated and written at a time")
     ap.add_argument("--local-pool", type=int, default=4_000_000, help="synthetic local descriptors to draw from")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--distractor-model", default="look-alike", choices=DISTRACTOR_MODELS,
+                    help="look-alike (default): every distractor drawn like the index's photos; elsewhere: "
+                         "those outside the collection's area drawn like another place")
     ap.add_argument("--top-k", type=int, default=100)
     ap.add_argument("--limit", type=int, default=0, help="only the first N queries")
     ap.add_argument("--index-type", default="auto", help="auto (exact up to 100k images, IVF-PQ above), flat, ivfpq, hnsw")
@@ -311,12 +347,13 @@ def main(argv=None) -> dict:
     if target.exists():
         shutil.rmtree(target)
     cells = read_cells(args.cells)
-    gen = Distractors(base, cells, args.distractors, args.chunk, args.seed, local, args.local_pool)
+    gen = Distractors(base, cells, args.distractors, args.chunk, args.seed, local, args.local_pool, args.distractor_model)
     log(f"adding {args.distractors} distractors in {len(gen)} chunks of {args.chunk} to a copy of {base}")
     model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, False, m.model_config,
                       m.local_features, m.local_fingerprint, m.local_config)  # queries keep the index's --local
     opts = CompactOptions(index_type=args.index_type, max_local=int(m.local.get("max_features", 500)), seed=args.seed)
-    src = dict(distractors=args.distractors, local_features=local, cells=str(args.cells), seed=args.seed)
+    src = dict(distractors=args.distractors, local_features=local, cells=str(args.cells), seed=args.seed,
+               distractor_model=args.distractor_model)
     mw = assemble_index(target, gen.loaders(), model, options=opts, base=base, skipped=m.skipped,
                         sources=m.sources + [src], created=m.created, log=log, progress=not args.json)
     build_s = time.perf_counter() - t0
@@ -338,6 +375,7 @@ def main(argv=None) -> dict:
         accuracy_at_100m=round(with_d["accuracy_at_100m"], 4),
         accuracy_at_100m_without=round(without["accuracy_at_100m"], 4),
         distractor_local_features=local,
+        distractor_model=args.distractor_model,
         index_type=mw.index_type,
         search=mw.search,
         local=mw.local,
