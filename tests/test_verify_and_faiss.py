@@ -94,3 +94,26 @@ def test_gpu_and_cpu_give_the_same_neighbours():
         assert where == "cpu"
     else:
         assert where.startswith("gpu")
+
+
+def test_ivfpq_probes_enough_lists_for_weak_matches():
+    """Whitened descriptors are nearly isotropic and a right photo is only weakly similar: the
+    default probes half the lists, which finds what exact search finds where 32 probes did not."""
+    from delg_geo.index import build_faiss, faiss_params, search_refined
+
+    rng = np.random.default_rng(1)
+    n, d = 20000, 64
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:300] + rng.normal(scale=0.2, size=(300, d)).astype(np.float32)  # similarity about 0.6
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    exact = float((np.argsort(-(q @ x.T), axis=1)[:, :10] == np.arange(300)[:, None]).any(axis=1).mean())
+    params = faiss_params(n, d, "ivfpq")
+    assert params["nprobe"] == params["nlist"] // 2
+    idx = build_faiss(x, "ivfpq", params)
+    found = {}
+    for nprobe in (32, params["nprobe"]):
+        idx.nprobe = nprobe
+        _, ids = search_refined(idx, x.astype(np.float16), q, 10, params["refine"])
+        found[nprobe] = float((ids == np.arange(300)[:, None]).any(axis=1).mean())
+    assert found[params["nprobe"]] >= exact - 0.08 and found[32] < found[params["nprobe"]] - 0.05, (exact, found)
