@@ -269,6 +269,7 @@ def run_bench(
     cand_rows: list[tuple] = []  # (img_id, candidate ids, similarities, inliers) for candidates.npz
     if "global" in methods or "verified" in methods or "knn" in methods:
         sigma = cfg.knn_sigma_km or geo.knn_sigma_km
+        fine = None if cfg.knn_sigma_km else geo.knn_fine_km  # the same two scales as `verified`'s fallback
         for qi in range(n):
             ids, sims = (a[: cfg.top_k] for a in qc.candidates(qi))
             delg_shared = delg_shared_q[qi]
@@ -278,7 +279,7 @@ def run_bench(
                 from .knn import knn_vote
 
                 t = time.perf_counter()
-                lat, lon, score = knn_vote(ref_lats[ids], ref_lons[ids], sims, sigma)
+                lat, lon, score = knn_vote(ref_lats[ids], ref_lons[ids], sims, sigma, fine_sigma_km=fine)
                 add("knn", lat, lon, 0, score, delg_shared + time.perf_counter() - t)
             if "verified" in methods:
                 t = time.perf_counter()
