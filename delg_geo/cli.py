@@ -154,7 +154,8 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
 
 
 _IDX = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX).")
-_LOCAL_HELP = "Local features for verification: delg (the model's own), xfeat or aliked-n16."
+_LOCAL_HELP = ("Local features for verification: aliked-n16, delg (the model's own) or xfeat "
+               "(default: aliked-n16 with the default model, an official DELG model's own otherwise).")
 
 
 @index_app.command("build")

@@ -223,6 +223,31 @@ def _read_failed(failed_file: Path, log) -> dict:
     return failed
 
 
+def _default_local(index_dir: Path, model: str | None, continuing: bool, log=print) -> str:
+    """``--local`` when not given: what the index (or the interrupted build) being continued holds,
+    else the default for ``model`` (:func:`delg_geo.models.local_features.default_local`), or
+    ``delg`` with a note when that default's weights are not installed (a build that asked for
+    nothing keeps working; ``--local aliked-n16`` itself refuses with how to get them)."""
+    from delg_geo.models.local_features import default_local
+    from delg_geo.models.local_weights import find_weights
+
+    if continuing:
+        if (index_dir / MANIFEST).exists():
+            try:
+                return read_manifest(index_dir).local_features or "delg"
+            except DelgGeoError:
+                pass  # a damaged manifest: the checks below name it
+        state = _read_state(index_dir)
+        if state is not None and state.get("local_features"):
+            return str(state["local_features"])
+    local = default_local(model)
+    if local != "delg" and find_weights(local) is None:
+        log(f"the {local} weights (the default local features) are not installed: building with the model's own "
+            f"(--local delg); `delg-geo model fetch-weights`, then rebuild, for {local}")
+        return "delg"
+    return local
+
+
 def _existing_index(index_dir: Path) -> dict | None:
     """The manifest and metadata of a complete index (for ``index add``), every file checked first."""
     if not (index_dir / MANIFEST).exists():
@@ -315,7 +340,7 @@ def build_index(
     if extractor is None:
         from delg_geo.models import get_extractor
 
-        extractor = get_extractor(model, local=local)
+        extractor = get_extractor(model, local=local if local is not None else _default_local(index_dir, model, add or resume, log))
     existing = _existing_index(index_dir) if has_manifest else None
     if existing is not None:
         m = read_manifest(index_dir)

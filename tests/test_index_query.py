@@ -403,6 +403,10 @@ def test_cli_build_records_the_confidence_radius(built, tmp_path):
 
     from delg_geo.cli import app
 
+    from delg_geo.models.local_weights import find_weights
+
+    if find_weights("aliked-n16") is None:
+        pytest.skip("the aliked-n16 weights (the default --local) are not installed (`delg-geo model fetch-weights`)")
     small = tmp_path / "small.csv"
     pd.read_csv(built["ref_csv"]).head(8).to_csv(small, index=False)
     runner = CliRunner()
@@ -414,6 +418,16 @@ def test_cli_build_records_the_confidence_radius(built, tmp_path):
     assert "not calibrated: 8 images, fewer than the 200" in res.stderr
     m = read_manifest(tmp_path / "idx")
     assert m.confidence_radius_km == 0.25 and m.calibration == {}
+    # without --local, the default model's index gets ALIKED-n16 local features (README, "Local
+    # features for verification"), and a query matches as many of its own keypoints as the store
+    # keeps per image, like the self-queries the calibration fits the vote on
+    assert m.local_features == "aliked-n16" and m.local["max_features"] == 500
+    assert m.local_config == {"top_k": 1024, "max_side": 1024, "upscale": True}
+    from delg_geo.locate import Geolocator
+
+    geo = Geolocator.from_index(tmp_path / "idx", places=False)
+    assert geo.extractor.local_features == "aliked-n16"
+    assert geo.config.verify_config.max_features == m.local["max_features"]
     bad = runner.invoke(app, ["index", "build", str(built["venice"]), "--metadata", str(small), "--index",
                               str(tmp_path / "idx2"), "--confidence-radius-km", "0"])
     assert bad.exit_code != 0 and not (tmp_path / "idx2").exists()

@@ -9,6 +9,9 @@ Two steps, so variants can be compared in seconds once the features are cached:
        python tools/compare_local.py extract --local xfeat --index runs/venice-index \\
            --queries ../shared/data/venice/queries.csv --out runs/local-cache/xfeat.npz
 
+   ``compact`` then encodes such a cache as ``index build`` stores it (best 500 per reference,
+   PCA-48 int8), so the default store's accuracy is measured without building an index.
+
 2. ``verify``: re-verify each query's global candidates (a candidates ``.npz`` as ``delg-geo
    bench`` writes it: ``ids``, ``similarities``, same query order as the queries file) with the
    cached features, for one or more verification settings, and write the inlier counts.
@@ -37,8 +40,11 @@ import numpy as np
 def _extract(args) -> None:
     import pandas as pd
 
-    from delg_geo.extract import iter_extract
-    from delg_geo.models.local_features import LearnedLocal, load_local_for_cache
+    from tqdm import tqdm
+
+    from delg_geo.errors import DelgGeoError
+    from delg_geo.images import load_image
+    from delg_geo.models.local_features import load_local_for_cache
     from delg_geo.queries import read_queries
 
     md = pd.read_csv(Path(args.index) / "metadata.csv")
@@ -49,14 +55,17 @@ def _extract(args) -> None:
     extractor = load_local_for_cache(args.local, top_k=args.top_k, max_side=args.max_side, upscale=args.upscale)
     kp, de, sc, counts = [], [], [], []
     t0 = time.perf_counter()
-    for res in iter_extract(paths, extractor, batch_size=1, progress="extract"):
-        if not res.ok:
-            raise SystemExit(res.error)
-        f = res.features
-        kp.append(f.keypoints)
-        de.append(f.local_descriptors.astype(np.float16))
-        sc.append(f.scores)
-        counts.append(f.num_local)
+    # the local features only (no global descriptor, which iter_extract would refuse as missing)
+    for path in tqdm(paths, desc="extract"):
+        try:
+            image = load_image(path, max_side=extractor.max_side)
+        except (DelgGeoError, OSError) as e:
+            raise SystemExit(f"{path}: {e}") from None
+        k, s, d = extractor.local.extract_batch([image])[0]
+        kp.append(k)
+        de.append(d.astype(np.float16))
+        sc.append(s)
+        counts.append(len(k))
     seconds = time.perf_counter() - t0
     n_ref = min(len(md), len(paths))
     np.savez(
@@ -66,6 +75,39 @@ def _extract(args) -> None:
     )
     print(json.dumps({"local": args.local, "images": len(paths), "seconds": round(seconds, 1),
                       "images_per_s": round(len(paths) / seconds, 2)}))
+
+
+def _compact(args) -> None:
+    """The cache as the compact store holds it: each reference's best ``--max-local`` features,
+    their descriptors PCA-projected, int8-coded and decoded (``pca-int8``, ``--dim``), keypoints
+    rounded to whole pixels; the queries' descriptors only projected (all of them), as a query is."""
+    from delg_geo.store import fit_local_codec
+
+    z = np.load(args.cache)
+    kp, de, sc, off, n_ref = z["keypoints"], z["descriptors"], z["scores"], z["offsets"], int(z["n_ref"])
+
+    def best(i):
+        a, b = int(off[i]), int(off[i + 1])
+        return a + np.sort(np.argsort(-sc[a:b], kind="stable")[: args.max_local])
+
+    rows = np.concatenate([best(i) for i in range(n_ref)])
+    rng = np.random.default_rng(0)
+    sample = rows if len(rows) <= 200_000 else np.sort(rng.choice(rows, 200_000, replace=False))  # as index build trains
+    codec = fit_local_codec(de[sample].astype(np.float32), "pca-int8", args.dim)
+    out_kp, out_de, counts = [], [], []
+    for i in range(len(off) - 1):
+        if i < n_ref:
+            r = best(i)
+            k, d = np.rint(kp[r]), codec.decode(codec.encode(de[r]))
+        else:
+            k, d = kp[off[i]:off[i + 1]], codec.project(de[off[i]:off[i + 1]])
+        out_kp.append(k.astype(np.float32))
+        out_de.append(d.astype(np.float16))
+        counts.append(len(d))
+    np.savez(args.out, keypoints=np.concatenate(out_kp), descriptors=np.concatenate(out_de),
+             scores=np.zeros(sum(counts), np.float32), offsets=np.concatenate([[0], np.cumsum(counts)]), n_ref=n_ref,
+             local=z["local"] if "local" in z.files else "", images_per_s=0.0)
+    print(json.dumps({"out": args.out, "features": int(sum(counts)), "dim": codec.dim}))
 
 
 class Cache:
@@ -94,7 +136,9 @@ def _verify(args) -> None:
     vc = VerifyConfig(px_threshold=args.px, ratio=args.ratio, max_features=args.max_features, min_inliers=1)
     inl = np.zeros(ids.shape, np.int32)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(2) as pool:
+    from delg_geo.runtime import single_threaded_blas
+
+    with ThreadPoolExecutor(2) as pool, single_threaded_blas():  # as a query verifies (locate.py)
         for q in range(len(ids)):
             qkp, qde = cache.get(cache.n_ref + q, args.max_features)
 
@@ -260,8 +304,9 @@ def _throughput(args) -> None:
     ref = pd.read_csv(Path(args.data) / "reference.csv")
     paths = [str(Path(args.data) / p) for p in ref.image.iloc[: args.n]]
     out = {}
-    for local in args.locals:
-        ext = get_extractor(None, local=local)
+    for local in args.locals:  # NAME, or NAME:plain for a learned type without its default settings
+        name, _, plain = local.partition(":")
+        ext = get_extractor(None, local=name, local_options={} if plain == "plain" else None)
         list(iter_extract(paths[:8], ext, batch_size=4))  # warm-up (tracing)
         t0 = time.perf_counter()
         n = sum(r.ok for r in iter_extract(paths, ext, batch_size=4, progress=f"build {local}"))
@@ -281,6 +326,11 @@ def main() -> None:
     e.add_argument("--limit", type=int, default=0)
     e.add_argument("--max-side", type=int, default=1024)
     e.add_argument("--upscale", action="store_true", help="enlarge smaller images to --max-side too")
+    c = sub.add_parser("compact", help="encode a cache as the compact store (index build's default) holds it")
+    c.add_argument("--cache", required=True)
+    c.add_argument("--max-local", type=int, default=500)
+    c.add_argument("--dim", type=int, default=48)
+    c.add_argument("--out", required=True)
     v = sub.add_parser("verify")
     v.add_argument("--cache", required=True)
     v.add_argument("--candidates", required=True)
@@ -318,9 +368,10 @@ def main() -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--data", required=True, help="the Venice folder (reference.csv, images/)")
     t.add_argument("--n", type=int, default=200)
-    t.add_argument("--locals", nargs="+", default=["delg", "xfeat", "aliked-n16"])
+    t.add_argument("--locals", nargs="+", default=["delg", "xfeat", "aliked-n16", "aliked-n16:plain"],
+                   help="NAME:plain: without the type's default settings (aliked-n16: not enlarged)")
     args = ap.parse_args()
-    {"extract": _extract, "verify": _verify, "matches": _matches, "ransac": _ransac, "evaluate": _evaluate,
+    {"extract": _extract, "compact": _compact, "verify": _verify, "matches": _matches, "ransac": _ransac, "evaluate": _evaluate,
      "throughput": _throughput}[args.cmd](args)
 
 

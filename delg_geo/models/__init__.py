@@ -35,7 +35,8 @@ class Extractor(Protocol):
 
 
 def get_extractor(name: str | None = None, local: str | None = None, local_options: dict | None = None, **options) -> Extractor:
-    """The extractor for model ``name``, with learned ``local`` features when given (not ``delg``)."""
+    """The extractor for model ``name``, with learned ``local`` features when given (not ``delg``);
+    ``local_options`` (their settings) default to the type's ``DEFAULT_LOCAL_OPTIONS``."""
     if local in (None, "delg"):
         return _global_extractor(name, **options)
     from .local_features import LOCAL_CHOICES, LearnedLocal, WithLocalFeatures
@@ -51,8 +52,12 @@ def get_extractor(name: str | None = None, local: str | None = None, local_optio
         options["config"] = LiteDelgConfig(scales=LiteDelgConfig().global_scales)
     from .local_weights import WeightsMissing
 
+    if local_options is None:  # the type's measured defaults (an index passes its manifest's settings)
+        from .local_features import DEFAULT_LOCAL_OPTIONS
+
+        local_options = DEFAULT_LOCAL_OPTIONS.get(local, {})
     try:
-        learned = LearnedLocal(local, **(local_options or {}))
+        learned = LearnedLocal(local, **local_options)
     except WeightsMissing as e:
         from ..errors import ModelError
 
