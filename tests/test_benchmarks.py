@@ -39,11 +39,14 @@ def test_venice_end_to_end(tmp_path):
     assert m["verified"]["accuracy_at_km"]["0.1"] > m["classifier"]["accuracy_at_km"]["0.1"]
     assert m["oracle"]["accuracy_at_km"]["0.1"] >= 0.97
     # the build calibrated the confidence on the collection; on the held-out queries it meets
-    # issue 10's targets (README: ECE 0.054; >= 0.5 for 36.4 % of queries, 77.5 % of them right)
+    # issue 10's targets (README, the default index: ECE 0.064; >= 0.5 for 43.6 % of queries, 77.1 % of them right)
     cal = summary["calibration"]
     print(json.dumps({k: cal[k] for k in ("ece", "precision_at", "coverage_at")}))
     assert cal["calibrated"] is True and cal["ece"] <= 0.08
     assert cal["precision_at"]["0.5"] >= 0.65 and cal["coverage_at"]["0.5"] >= 0.25
+    # issue 10's accuracy target, with the default local features (aliked-n16 on enlarged photos)
+    # and the rule the build fitted on the collection (README: 47.7 %; RANSAC moves a run by ~1 point)
+    assert m["verified"]["accuracy_at_km"]["0.1"] >= 0.46
     # the diagnosis ran on the same bench output: its numbers agree with the summary
     sys.path.insert(0, str(REPO / "tools"))
     from diagnose_bench import diagnose
