@@ -256,12 +256,12 @@ def answers(lats, lons, sq: SelfQueries, rule: DecisionRule, knn_sigma_km: float
     """Each self-query's answer under ``rule``: (error_km (n,), evidence (n, F))."""
     err = np.empty(len(sq.query_ids))
     ev = np.empty((len(sq.query_ids), len(EVIDENCE)))
+    fine_km = fine_scale(knn_sigma_km, radius_km)  # the two scales Geolocator votes at
     for r, qi in enumerate(sq.query_ids):
         v = sq.ids[r] >= 0
         c = sq.ids[r][v]
         la, lo, si, il = lats[c], lons[c], sq.similarities[r][v], sq.inliers[r][v]
-        d = decide_candidates(la, lo, si, il, rule, verify=verify, knn_sigma_km=knn_sigma_km,
-                              knn_fine_km=fine_scale(knn_sigma_km, radius_km))  # as Geolocator votes
+        d = decide_candidates(la, lo, si, il, rule, verify=verify, knn_sigma_km=knn_sigma_km, knn_fine_km=fine_km)
         err[r] = haversine_km(lats[qi], lons[qi], d.lat, d.lon)
         ev[r] = evidence_at(d.lat, d.lon, la, lo, si, il, rule, radius_km, d.verified)
     return err, ev

@@ -247,8 +247,8 @@ def to_device(index):
 
 
 def search_refined(index, vectors, q: np.ndarray, k: int, refine: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top ``k`` by exact inner product with ``vectors`` (an array, or a :class:`NpyRows` reader of
-    ``global.npy``) among the compressed ``index``'s top ``k * refine``: (sims, ids), each (nq, k),
+    """Top ``k`` by exact inner product with ``vectors`` (an array, or a :class:`~delg_geo.rowfile.NpyRows`
+    reader of ``global.npy``, indexed by sorted row numbers) among the compressed ``index``'s top ``k * refine``: (sims, ids), each (nq, k),
     -1 where fewer exist."""
     q = np.ascontiguousarray(q, np.float32)
     _, cand = index.search(q, min(len(vectors), k * refine))
@@ -256,7 +256,7 @@ def search_refined(index, vectors, q: np.ndarray, k: int, refine: int) -> tuple[
     ids = np.full((len(q), k), -1, np.int64)
     for r, row in enumerate(cand):
         row = np.unique(row[row >= 0])  # sorted: the file is read in order
-        s = np.asarray(vectors.take(row) if isinstance(vectors, NpyRows) else vectors[row], np.float32) @ q[r]
+        s = np.asarray(vectors[row], np.float32) @ q[r]
         top = np.argsort(-s, kind="stable")[:k]
         sims[r, : len(top)], ids[r, : len(top)] = s[top], row[top]
     return sims, ids

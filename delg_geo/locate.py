@@ -136,9 +136,8 @@ class Geolocator:
 
         # the kNN fallback's bandwidth: the collection's, then the confidence radius inside the
         # winning region when the collection is wider (a world index: 25 km, then 100 m)
-        self.knn_sigma_km, self.knn_fine_km = vote_scales(index.lats, index.lons, self.confidence_radius_km)
-        if self.config.knn_sigma_km:
-            self.knn_sigma_km, self.knn_fine_km = self.config.knn_sigma_km, None
+        self.knn_sigma_km, self.knn_fine_km = ((self.config.knn_sigma_km, None) if self.config.knn_sigma_km
+                                               else vote_scales(index.lats, index.lons, self.confidence_radius_km))
         self._pool = ThreadPoolExecutor(max_workers=max(1, self.config.workers))
 
     @classmethod

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .rowfile import FileRanges
+
 NUMERIC = ("lat", "lon", "width", "height")
 REQUIRED = ("image", "path") + NUMERIC
 
@@ -44,6 +46,7 @@ class MetadataTable:
         self.sizes = md[["width", "height"]].to_numpy(np.int64)
         self._frame = None
         self._starts = _line_starts(self.path)
+        self._file = FileRanges(self.path)
         if len(self._starts) != len(md) + 2:  # header + rows + the end of the file
             # quoted line breaks: lines are not rows; keep the text columns instead
             self._starts = None
@@ -73,9 +76,7 @@ class MetadataTable:
                      width=str(int(self.sizes[i, 0])), height=str(int(self.sizes[i, 1])))
             return d
         a, b = int(self._starts[i + 1]), int(self._starts[i + 2])
-        with open(self.path, "rb") as f:
-            f.seek(a)
-            line = f.read(b - a).decode("utf-8")
+        line = self._file.read(a, b - a).decode("utf-8")
         values = next(csv.reader(io.StringIO(line)), [])
         return dict(zip(self.columns, values))
 

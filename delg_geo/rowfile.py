@@ -17,8 +17,36 @@ from pathlib import Path
 import numpy as np
 
 
+class FileRanges:
+    """Byte ranges of one file, read with ``pread`` on a descriptor kept open (no seek: threads
+    can share it)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read(self, offset: int, size: int) -> bytes:
+        """Exactly ``size`` bytes at ``offset``, or OSError naming the file."""
+        buf = os.pread(self._fd, int(size), int(offset)) if size > 0 else b""
+        if len(buf) != size:
+            raise OSError(f"{self.path}: short read at byte {offset} ({len(buf)} of {size} bytes)")
+        return buf
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+
+
 class NpyRows:
-    """Row access to a C-ordered ``.npy`` file of shape ``(N, ...)``."""
+    """Row access to a C-ordered ``.npy`` file of shape ``(N, ...)``: ``rows(a, b)``, and
+    ``reader[idx]`` for sorted row numbers (as :func:`delg_geo.index.search_refined` asks)."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -31,7 +59,7 @@ class NpyRows:
             raise ValueError(f"{self.path}: not a C-ordered array of rows")
         self.shape, self.dtype = tuple(shape), np.dtype(dtype)
         self.row_bytes = int(self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64)))
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._file = FileRanges(self.path)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -40,13 +68,14 @@ class NpyRows:
         """Rows ``a:b`` (a copy)."""
         a, b = max(0, int(a)), min(len(self), int(b))
         n = max(0, b - a)
-        buf = os.pread(self._fd, n * self.row_bytes, self.offset + a * self.row_bytes) if n else b""
-        if len(buf) != n * self.row_bytes:
-            raise OSError(f"{self.path}: short read at row {a} ({len(buf)} of {n * self.row_bytes} bytes)")
+        try:
+            buf = self._file.read(self.offset + a * self.row_bytes, n * self.row_bytes)
+        except OSError as e:
+            raise OSError(f"{e} (row {a})") from None
         return np.frombuffer(buf, self.dtype).reshape((n,) + self.shape[1:])
 
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """Rows ``idx`` (sorted, unique), one read per run of consecutive rows."""
+    def __getitem__(self, idx) -> np.ndarray:
+        """Rows ``idx`` (sorted row numbers), one read per run of consecutive rows."""
         idx = np.asarray(idx, np.int64)
         if len(idx) == 0:
             return np.zeros((0,) + self.shape[1:], self.dtype)
@@ -54,14 +83,3 @@ class NpyRows:
         starts = np.concatenate([[0], breaks])
         ends = np.concatenate([breaks, [len(idx)]])
         return np.concatenate([self.rows(idx[s], idx[e - 1] + 1) for s, e in zip(starts, ends)])
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:  # noqa: BLE001 - interpreter shutdown
-            pass

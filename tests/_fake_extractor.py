@@ -30,3 +30,28 @@ class FakeExtractor:
 
     def extract_batch(self, images):
         return [self.extract(im) for im in images]
+
+
+def fake_collection(root, names: list[str], broken: str | None = None):
+    """``root/images`` with a random 128x96 picture per name (seeded by the name, the same in every
+    run) and ``root/ref-N.csv`` listing them with positions; ``broken``: also a truncated JPEG.
+    Returns ``(images_dir, csv_path)``."""
+    import zlib
+    from pathlib import Path
+
+    import pandas as pd
+    from PIL import Image
+
+    images = Path(root) / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k, name in enumerate(names):
+        rng = np.random.default_rng(zlib.crc32(name.encode()))
+        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / name)
+        rows.append(dict(image=name, lat=55.70 + 0.001 * k, lon=13.19 + 0.001 * k))
+    if broken:
+        (images / broken).write_bytes(b"\xff\xd8\xff\xe0 this JPEG ends here")
+        rows.append(dict(image=broken, lat=55.7, lon=13.19))
+    csv = Path(root) / f"ref-{len(rows)}.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    return images, csv

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _fake_extractor import FakeExtractor  # noqa: E402
+from _fake_extractor import FakeExtractor, fake_collection  # noqa: E402
 
 from delg_geo.features import Features  # noqa: E402
 
@@ -25,23 +25,11 @@ class ShuffledScores(FakeExtractor):
                         f.image_size, f.model_id)
 
 
-def _collection(root: Path, n: int = 6) -> tuple[Path, Path]:
-    from PIL import Image
-
-    images = root / "images"
-    images.mkdir()
-    for k in range(n):
-        Image.fromarray(np.random.default_rng(k).integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / f"{k}.png")
-    csv = root / "ref.csv"
-    pd.DataFrame(dict(image=[f"{k}.png" for k in range(n)], lat=45.43, lon=12.33)).to_csv(csv, index=False)
-    return images, csv
-
-
 def test_checkpoint_keeps_the_best_features_and_is_redone_when_it_kept_too_few(tmp_path):
     from delg_geo.images import load_image
     from index_builder.build import _load_parts, _write_part
 
-    images, _ = _collection(tmp_path)
+    images, _ = fake_collection(tmp_path, [f"{k}.png" for k in range(6)])
     ex = ShuffledScores()
     rows = [dict(key=f"{k}.png", features=ex.extract(load_image(images / f"{k}.png", max_side=256))) for k in range(6)]
     full, small = tmp_path / "full", tmp_path / "small"
@@ -70,7 +58,7 @@ def test_index_from_trimmed_checkpoints_holds_the_best_features(tmp_path):
     from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 
-    images, csv = _collection(tmp_path)
+    images, csv = fake_collection(tmp_path, [f"{k}.png" for k in range(6)])
     ex = ShuffledScores()
     build_index(images, tmp_path / "index", csv, extractor=ex, log=lambda m: None,
                 options=BuildOptions(progress=False, part_size=4, compact=CompactOptions(max_local=8)))

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from _fake_extractor import fake_collection
 from conftest import REPO, shared_path
 
 SCALES = (0.7071, 1.0, 1.4142)
@@ -397,24 +398,6 @@ build_index({images!r}, {index!r}, {csv!r}, extractor=FakeExtractor(), add={add}
 """
 
 
-def _fake_collection(root: Path, names: list[str], broken: str | None = None) -> tuple[Path, Path]:
-    from PIL import Image
-
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k, name in enumerate(names):
-        rng = np.random.default_rng(abs(hash(name)) % 1000)
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / name)
-        rows.append(dict(image=name, lat=55.70 + 0.001 * k, lon=13.19 + 0.001 * k))
-    if broken:
-        (images / broken).write_bytes(b"\xff\xd8\xff\xe0 this JPEG ends here")
-        rows.append(dict(image=broken, lat=55.7, lon=13.19))
-    csv = root / f"ref-{len(rows)}.csv"
-    pd.DataFrame(rows).to_csv(csv, index=False)
-    return images, csv
-
-
 def _killed_build(point: str, images: Path, index: Path, csv: Path, add: bool = False) -> None:
     import subprocess
 
@@ -454,7 +437,7 @@ def test_killed_build_recovers(tmp_path, point):
     sys.path.insert(0, str(REPO / "tests"))
     from _fake_extractor import FakeExtractor
 
-    images, csv = _fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
+    images, csv = fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
     index = tmp_path / "index"
     _killed_build(point, images, index, csv)
     _whole_or_absent(index, {5})
@@ -471,7 +454,7 @@ def test_killed_build_recovers(tmp_path, point):
         rep, logs = build(images, index, csv, FakeExtractor(), resume=True)  # the obvious command
     _recovered(index, 5, rep)
     # and the recovered index takes more images
-    images2, csv2 = _fake_collection(tmp_path / "more", ["m.png"])
+    images2, csv2 = fake_collection(tmp_path / "more", ["m.png"])
     rep2, _ = build(images2, index, csv2, FakeExtractor(), add=True, resume=True)
     assert rep2.num_images == 6 and rep2.added == 1
 
@@ -481,10 +464,10 @@ def test_killed_add_recovers(tmp_path, point):
     sys.path.insert(0, str(REPO / "tests"))
     from _fake_extractor import FakeExtractor
 
-    images, csv3 = _fake_collection(tmp_path, [f"{k}.png" for k in range(3)])
+    images, csv3 = fake_collection(tmp_path, [f"{k}.png" for k in range(3)])
     index = tmp_path / "index"
     build(images, index, csv3, FakeExtractor())
-    _, csv6 = _fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
+    _, csv6 = fake_collection(tmp_path, [f"{k}.png" for k in range(5)], broken="broken.jpg")
     _killed_build(point, images, index, csv6, add=True)
     _whole_or_absent(index, {3, 5})  # the old index, or the new one: never a mix
     rep, _ = build(images, index, csv6, FakeExtractor(), add=True, resume=True)  # `index add` again
@@ -640,7 +623,7 @@ def test_index_built_with_a_model_folder_records_it(tmp_path):
     from delg_geo.models import get_extractor
 
     model_dir = export_tiny_delg(tmp_path / "my_delg")
-    images, csv = _fake_collection(tmp_path, ["a.png", "b.png"])
+    images, csv = fake_collection(tmp_path, ["a.png", "b.png"])
     rep, _ = build(images, tmp_path / "index", csv, get_extractor(str(model_dir)))
     m = _manifest(tmp_path / "index")
     assert rep.num_images == 2 and m["model_path"] == str(model_dir.resolve())

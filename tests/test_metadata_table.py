@@ -65,25 +65,16 @@ def test_a_query_never_loads_the_table_of_names(tmp_path):
     import sys
     from pathlib import Path
 
-    from PIL import Image
-
     sys.path.insert(0, str(Path(__file__).parent))
-    from _fake_extractor import FakeExtractor
+    from _fake_extractor import FakeExtractor, fake_collection
 
     from delg_geo.index import GeoIndex
     from delg_geo.locate import Geolocator, LocateConfig
     from index_builder.build import BuildOptions, build_index
 
-    images = tmp_path / "images"
-    images.mkdir()
-    rows = []
-    for k in range(12):
-        name = f"photo, number {k}.png"  # a comma: the name is quoted in metadata.csv
-        rng = np.random.default_rng(k)
-        Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8)).save(images / name)
-        rows.append(dict(image=name, lat=45.43 + 0.01 * k, lon=12.33 + 0.01 * k))
-    pd.DataFrame(rows).to_csv(tmp_path / "ref.csv", index=False)
-    build_index(images, tmp_path / "index", tmp_path / "ref.csv", extractor=FakeExtractor(),
+    # commas in the names: they are quoted in metadata.csv
+    images, csv = fake_collection(tmp_path, [f"photo, number {k}.png" for k in range(12)])
+    build_index(images, tmp_path / "index", csv, extractor=FakeExtractor(),
                 options=BuildOptions(progress=False), log=lambda m: None)
     idx = GeoIndex(tmp_path / "index", device="cpu")
     geo = Geolocator(idx, FakeExtractor(), LocateConfig(top_k=5, places=False, num_alternatives=3))

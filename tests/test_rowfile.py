@@ -26,15 +26,15 @@ def test_rows_and_take_equal_numpy(tmp_path, version):
     np.testing.assert_array_equal(r.rows(990, 2000), x[990:])  # clipped at the end
     assert r.rows(5, 5).shape == (0, 48)
     idx = np.array([0, 1, 2, 7, 9, 10, 999])
-    np.testing.assert_array_equal(r.take(idx), x[idx])
-    assert r.take(np.array([], np.int64)).shape == (0, 48)
+    np.testing.assert_array_equal(r[idx], x[idx])
+    assert r[np.array([], np.int64)].shape == (0, 48)
 
 
 def test_a_truncated_file_is_a_clear_error(tmp_path):
     p = tmp_path / "g.npy"
     np.save(p, np.ones((100, 16), np.float16))
     p.write_bytes(p.read_bytes()[:-100])
-    with pytest.raises(OSError, match="short read at row 90"):
+    with pytest.raises(OSError, match=r"g.npy: short read at byte .* \(row 90\)"):
         NpyRows(p).rows(90, 100)
 
 
