@@ -48,6 +48,7 @@ class BenchConfig:
     methods: tuple[str, ...] = DEFAULT_METHODS
     radii_km: tuple[float, ...] = DEFAULT_RADII_KM
     top_k: int = 100
+    local_top_k: int | None = None  # candidates the index's ASMK inverted file adds for `verified`: None as many as top_k, 0 none
     sift_top_k: int = 100
     knn_sigma_km: float | None = None  # default: from the collection's extent
     hybrid_cells: int = 3
@@ -70,22 +71,33 @@ class QueryCandidates:
 
     Per usable query (in query-file order): its position in the query list, global descriptor,
     candidate ids and similarities (best first, ``-1``/NaN padding past what the index holds),
-    inlier counts for the first ``verify_k`` candidates (no columns when nothing was verified),
-    and its seconds of extraction, search and verification. ``failed`` lists the queries whose
-    image could not be used: ``(position, reason)``.
+    the candidates the ASMK inverted file adds (``extra_ids``/``extra_sims``, same padding; no
+    columns where the index has none or nothing was verified), inlier counts for the first
+    ``verify_k`` candidates then for the extra ones, and its seconds of extraction, search and
+    verification. ``failed`` lists the queries whose image could not be used: ``(position, reason)``.
     """
 
     positions: np.ndarray  # (n,) int64
     global_desc: np.ndarray  # (n, G) float32; (n, 0) where not kept
     ids: np.ndarray  # (n, K) int64
     sims: np.ndarray  # (n, K) float32
-    inliers: np.ndarray  # (n, verify_k) int32
+    inliers: np.ndarray  # (n, verify_k + L) int32
     extract_s: np.ndarray  # (n,)
     search_s: np.ndarray  # (n,)
     verify_s: np.ndarray  # (n,)
     failed: list = field(default_factory=list)
+    extra_ids: np.ndarray | None = None  # (n, L) int64: the ASMK inverted file's additions
+    extra_sims: np.ndarray | None = None  # (n, L) float32
 
-    FIELDS = ("positions", "global_desc", "ids", "sims", "inliers", "extract_s", "search_s", "verify_s")
+    FIELDS = ("positions", "global_desc", "ids", "sims", "inliers", "extract_s", "search_s", "verify_s",
+              "extra_ids", "extra_sims")
+
+    def __post_init__(self):
+        n = len(self.positions)
+        if self.extra_ids is None:
+            self.extra_ids = np.full((n, 0), -1, np.int64)
+        if self.extra_sims is None:
+            self.extra_sims = np.full((n, 0), np.nan, np.float32)
 
     def save(self, path: Path) -> None:
         """Plain arrays in one ``.npz``, written to a temporary name and renamed into place."""
@@ -100,7 +112,7 @@ class QueryCandidates:
     def load(cls, path: Path) -> "QueryCandidates":
         with np.load(path, allow_pickle=False) as z:
             failed = [(int(p), str(r)) for p, r in zip(z["failed_pos"], z["failed_reason"])]
-            return cls(**{k: z[k] for k in cls.FIELDS}, failed=failed)
+            return cls(**{k: z[k] for k in cls.FIELDS if k in z.files}, failed=failed)
 
     @classmethod
     def concat(cls, parts: list["QueryCandidates"]) -> "QueryCandidates":
@@ -109,9 +121,17 @@ class QueryCandidates:
         if not parts:
             raise DelgGeoError("no query image could be read")
         width = max(p.ids.shape[1] for p in parts)
+        extra = max(p.extra_ids.shape[1] for p in parts)
+        verified = max(p.inliers.shape[1] - p.extra_ids.shape[1] for p in parts)
 
-        def pad(a, fill):
-            return np.concatenate([a, np.full((len(a), width - a.shape[1]), fill, a.dtype)], axis=1)
+        def pad(a, fill, w=None):
+            w = width if w is None else w
+            return np.concatenate([a, np.full((len(a), w - a.shape[1]), fill, a.dtype)], axis=1)
+
+        def inliers(p):  # the global columns, then the extra ones, each padded to the widest
+            e = p.extra_ids.shape[1]
+            g = p.inliers[:, : p.inliers.shape[1] - e]
+            return np.concatenate([pad(g, 0, verified), pad(p.inliers[:, g.shape[1]:], 0, extra)], axis=1)
 
         pos = np.concatenate([p.positions for p in parts])
         order = np.argsort(pos, kind="stable")
@@ -120,17 +140,29 @@ class QueryCandidates:
             global_desc=np.concatenate([p.global_desc for p in parts])[order],
             ids=np.concatenate([pad(p.ids, -1) for p in parts])[order],
             sims=np.concatenate([pad(p.sims, np.nan) for p in parts])[order],
-            inliers=np.concatenate([p.inliers for p in parts])[order],
+            inliers=np.concatenate([inliers(p) for p in parts])[order],
             extract_s=np.concatenate([p.extract_s for p in parts])[order],
             search_s=np.concatenate([p.search_s for p in parts])[order],
             verify_s=np.concatenate([p.verify_s for p in parts])[order],
             failed=sorted(f for p in parts for f in p.failed),
+            extra_ids=np.concatenate([pad(p.extra_ids, -1, extra) for p in parts])[order],
+            extra_sims=np.concatenate([pad(p.extra_sims, np.nan, extra) for p in parts])[order],
         )
         return out
 
     def candidates(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         keep = self.ids[i] >= 0
         return self.ids[i][keep], self.sims[i][keep]
+
+    def verified(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ids, similarities, inliers) of query ``i``'s verified candidates: the global top
+        ``k``, then the inverted file's additions."""
+        ids, sims = (a[:k] for a in self.candidates(i))
+        e = self.extra_ids.shape[1]
+        nv = self.inliers.shape[1] - e
+        keep = self.extra_ids[i] >= 0
+        return (np.concatenate([ids, self.extra_ids[i][keep]]), np.concatenate([sims, self.extra_sims[i][keep]]),
+                np.concatenate([self.inliers[i, : min(len(ids), nv)], self.inliers[i, nv:][keep]]))
 
 
 def query_candidates(geo, paths: list[str], positions: list[int], search_k: int, verify_k: int,
@@ -162,21 +194,37 @@ def query_candidates(geo, paths: list[str], positions: list[int], search_k: int,
     t0 = time.perf_counter()
     for i, c in enumerate(search(geo.index, G, k) if n else []):
         ids[i, : len(c.ids)], sims[i, : len(c.ids)] = c.ids, c.similarities
-    search_s = (time.perf_counter() - t0) / max(n, 1)
-    inl = np.zeros((n, verify_k), np.int32)
+    search_s = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+    from .search import local_candidates
+
+    n_extra = int(geo.config.local_top_k) if verify_k and getattr(geo.index, "asmk", None) is not None else 0
+    extra_ids = np.full((n, n_extra), -1, np.int64)
+    extra_sims = np.full((n, n_extra), np.nan, np.float32)
+    inl = np.zeros((n, verify_k + n_extra), np.int32)
     verify_s = np.zeros(n)
+    vc = geo.config.verify_config
     for i, f in enumerate(feats):
         t = time.perf_counter()
         if verify_k:
             c = ids[i, :verify_k]
             c = c[c >= 0]
-            inl[i, : len(c)] = geo.verify_candidates(f, c)
+            q_local = geo.index.query_local(f.local_descriptors[: vc.max_features])
+            inl[i, : len(c)] = geo.verify_candidates(f, c, q_local)
+            if n_extra:  # the inverted file's own candidates (search time, then verification)
+                t_s = time.perf_counter()
+                ex = local_candidates(geo.index, geo.index.whitening.apply(G[i : i + 1]), q_local, n_extra, exclude=c)
+                dt = time.perf_counter() - t_s
+                search_s[i] += dt
+                t += dt  # counted as search, not verification
+                m = len(ex.ids)
+                extra_ids[i, :m], extra_sims[i, :m] = ex.ids, ex.similarities
+                inl[i, verify_k : verify_k + m] = geo.verify_candidates(f, ex.ids, q_local)
         verify_s[i] = time.perf_counter() - t
         feats[i] = None  # local features are needed no longer
         if bar is not None:
             bar.update(1)
     return QueryCandidates(np.array(pos, np.int64), G if keep_global else G[:, :0], ids, sims, inl,
-                           np.full(n, extract_s), np.full(n, search_s), verify_s, failed)
+                           np.full(n, extract_s), search_s, verify_s, failed, extra_ids, extra_sims)
 
 
 def save_candidates(path: Path, rows: list[tuple], top_k: int) -> None:
@@ -224,7 +272,7 @@ def run_bench(
     if not items:
         raise DelgGeoError(f"{queries_file}: no usable query ({len(skipped)} skipped)")
 
-    geo = Geolocator.from_index(index_dir, config=LocateConfig(top_k=cfg.top_k, places=False))
+    geo = Geolocator.from_index(index_dir, config=LocateConfig(top_k=cfg.top_k, local_top_k=cfg.local_top_k, places=False))
     index = geo.index
     ref_lats, ref_lons = index.lats, index.lons
     methods = list(cfg.methods)
@@ -239,7 +287,7 @@ def run_bench(
         from .ray_bench import query_candidates_on_ray
 
         qc = query_candidates_on_ray(index_dir, items, out_dir, search_k, verify_k, ray, shard_size, cfg.progress, log,
-                                     keep_global=keep_global)
+                                     keep_global=keep_global, local_top_k=geo.config.local_top_k)
     else:
         bar = _bar(len(items), "query", cfg.progress)
         qc = QueryCandidates.concat([
@@ -283,9 +331,9 @@ def run_bench(
                 add("knn", lat, lon, 0, score, delg_shared + time.perf_counter() - t)
             if "verified" in methods:
                 t = time.perf_counter()
-                inl = qc.inliers[qi, : len(ids)]
-                cand_rows.append((ok_items[qi].img_id, ids, sims, inl))
-                p = geo.decide(ok_items[qi].img_id, ids, sims, inl)
+                v_ids, v_sims, inl = qc.verified(qi, cfg.top_k)
+                cand_rows.append((ok_items[qi].img_id, v_ids, v_sims, inl))
+                p = geo.decide(ok_items[qi].img_id, v_ids, v_sims, inl)
                 add("verified", p.lat, p.lon, p.inliers, p.confidence,
                     delg_shared + qc.verify_s[qi] + time.perf_counter() - t)
 
@@ -369,7 +417,7 @@ def run_bench(
     df = pd.DataFrame(rows)
     df.to_csv(out_dir / "predictions.csv", index=False)
     if cand_rows:
-        save_candidates(out_dir / "candidates.npz", cand_rows, cfg.top_k)
+        save_candidates(out_dir / "candidates.npz", cand_rows, max(len(r[1]) for r in cand_rows))
     summary = {
         "n_queries": n,
         "n_failed": len(failed),

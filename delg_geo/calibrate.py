@@ -190,11 +190,13 @@ def sample_ids(n: int, sample: int, seed: int = 0, eligible: np.ndarray | None =
 
 
 def collect_self_queries(
-    index, sample: int = DEFAULT_SAMPLE, *, top_k: int = 100, verify_config=None, leave_out: LeaveOut = LeaveOut(),
-    seed: int = 0, workers: int = 2, progress: bool = False, query_ids=None,
+    index, sample: int = DEFAULT_SAMPLE, *, top_k: int = 100, local_top_k: int | None = None, verify_config=None,
+    leave_out: LeaveOut = LeaveOut(), seed: int = 0, workers: int = 2, progress: bool = False, query_ids=None,
 ) -> SelfQueries:
     """Locate a sample of ``index``'s photos against the rest (near-duplicates left out), from the
-    stored features. ``index`` is an open :class:`delg_geo.index.GeoIndex`."""
+    stored features, with the candidates a query gets (:func:`delg_geo.search.shortlist`: the
+    global top-``top_k`` and the ASMK top-``local_top_k``, by default as many). ``index`` is an open
+    :class:`delg_geo.index.GeoIndex`."""
     from .verify import VerifyConfig, verify_pair
 
     vc = verify_config or VerifyConfig()
@@ -210,23 +212,24 @@ def collect_self_queries(
     else:
         qids = np.asarray(query_ids, np.int64)
     k = min(top_k, n - 1)
-    ids = np.full((len(qids), k), -1, np.int64)
-    sims = np.full((len(qids), k), np.nan, np.float32)
-    inl = np.zeros((len(qids), k), np.int32)
+    k_local = int(top_k if local_top_k is None else local_top_k) if getattr(index, "asmk", None) is not None else 0
+    width = k + min(k_local, n - 1)
+    ids = np.full((len(qids), width), -1, np.int64)
+    sims = np.full((len(qids), width), np.nan, np.float32)
+    inl = np.zeros((len(qids), width), np.int32)
     left = np.zeros(len(qids), np.int32)
     from .runtime import single_threaded_blas
+    from .search import shortlist
 
     bar = _bar(len(qids), "calibrate", progress)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, single_threaded_blas():
         for row, qi in enumerate(qids):
             drop = near_duplicates(int(qi), index.lats, index.lons, keys, leave_out)
             left[row] = len(drop) - 1
-            want = min(n, k + len(drop))
-            s, c = index.search_whitened(_search_vector(index, int(qi)), want)
-            keep = (c[0] >= 0) & ~np.isin(c[0], drop)
-            c_ids, c_sims = c[0][keep][:k], s[0][keep][:k]
             q_kp, q_desc = index.local_features(int(qi))
             q_kp, q_desc = q_kp[: vc.max_features], q_desc[: vc.max_features]
+            cand = shortlist(index, _search_vector(index, int(qi)), q_desc, k, k_local, exclude=drop)
+            c_ids, c_sims = cand.ids, cand.similarities
             q_size = index.image_size(int(qi))
 
             def one(j: int) -> int:
@@ -428,7 +431,7 @@ def _bar(n, desc, enabled):
 # -- an index's calibration ------------------------------------------------------------------
 
 def calibrate_index(
-    index_dir, *, sample: int = DEFAULT_SAMPLE, radius_km: float | None = None, top_k: int = 100,
+    index_dir, *, sample: int = DEFAULT_SAMPLE, radius_km: float | None = None, top_k: int = 100, local_top_k: int | None = None,
     leave_out: LeaveOut = LeaveOut(), tune: bool = True, seed: int = 0, workers: int = 2, progress: bool = False,
     self_queries: SelfQueries | None = None, log=None,
 ) -> Calibration:
@@ -447,7 +450,7 @@ def calibrate_index(
         raise DelgGeoError(f"the confidence radius must be positive, got {radius} km")
     vc, default_rule = query_settings(index)
     if self_queries is None:
-        self_queries = collect_self_queries(index, sample, top_k=top_k, verify_config=vc,
+        self_queries = collect_self_queries(index, sample, top_k=top_k, local_top_k=local_top_k, verify_config=vc,
                                             leave_out=leave_out, seed=seed, workers=workers, progress=progress)
     sigma = default_sigma_km(index.lats, index.lons)
     cal = fit_calibration(index.lats, index.lons, self_queries, radius_km=radius, knn_sigma_km=sigma,

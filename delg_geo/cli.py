@@ -180,6 +180,7 @@ def index_build(
     local_codec: str = typer.Option("pca-int8", "--local-codec", help="Local descriptor storage: pca-int8, pq, pca-binary or float16 (README: the table of choices)."),
     local_dim: int = typer.Option(48, "--local-dim", min=0, help="PCA dimension of the local descriptors (0: the model's own)."),
     max_local: int = typer.Option(500, "--max-local", min=1, help="Local features kept per image (the highest-attention ones)."),
+    asmk: bool = typer.Option(True, "--asmk/--no-asmk", help="An inverted file over the local features, which adds its own candidates (about 4.5 KB an image)."),
     confidence_radius_km: Optional[float] = typer.Option(
         None, "--confidence-radius-km", help="Confidence = probability of being within this radius (default 0.1)."),
     calibrate: Optional[bool] = typer.Option(
@@ -187,7 +188,7 @@ def index_build(
         help="Fit the confidence on the collection after building (default: from 200 images up)."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Index a geotagged image collection (compact: about 27 KB an image)."""
+    """Index a geotagged image collection (compact: about 31 KB an image)."""
     if confidence_radius_km is not None and not confidence_radius_km > 0:
         raise DelgGeoError(f"--confidence-radius-km must be positive, got {confidence_radius_km}")
     from .store import LOCAL_CODECS
@@ -197,7 +198,7 @@ def index_build(
     ray = _ray_options(use_ray, ray_address, workers)
     _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out,
            add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate,
-           local=local, compact=dict(local_codec=local_codec, local_dim=local_dim or None, max_local=max_local))
+           local=local, compact=dict(local_codec=local_codec, local_dim=local_dim or None, max_local=max_local, asmk=asmk))
 
 
 def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
@@ -247,7 +248,7 @@ def index_compact(
     out: Path = typer.Option(..., "--out", help="New folder for the compact index."),
     json_out: bool = typer.Option(False, "--json"),
 ):
-    """Convert a format-1 index (delg-geo before the compact store) to the compact format, without re-extracting."""
+    """Convert a format-1 index (delg-geo before the compact store) to the compact format, or give a compact index what it lacks (the ASMK inverted file), without re-extracting."""
     from index_builder.assemble import compact_index
 
     m = compact_index(_index_or_env(index), out, log=lambda s: typer.echo(s, err=True))
@@ -267,6 +268,7 @@ def index_calibrate(
     radius_km: Optional[float] = typer.Option(None, "--confidence-radius-km",
                                               help="Radius the confidence is about (default: the manifest's, 0.1)."),
     top_k: int = typer.Option(100, "--top-k", "-k", help="Candidates verified per photo, as a query does."),
+    local_top_k: Optional[int] = typer.Option(None, "--local-top-k", min=0, help="Candidates the ASMK inverted file adds, as a query does (default: as many as --top-k)."),
     no_tune: bool = typer.Option(False, "--no-tune", help="Keep the default decision rule; fit only the confidence."),
     seed: int = typer.Option(0, "--seed"),
     json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
@@ -275,7 +277,7 @@ def index_calibrate(
     from .calibrate import calibrate_index
 
     index = _index_or_env(index)
-    cal = calibrate_index(index, sample=sample, radius_km=radius_km, top_k=top_k, tune=not no_tune, seed=seed,
+    cal = calibrate_index(index, sample=sample, radius_km=radius_km, top_k=top_k, local_top_k=local_top_k, tune=not no_tune, seed=seed,
                           progress=not json_out, log=None if json_out else (lambda m: typer.echo(m, err=True)))
     if json_out:
         _emit_json(cal.to_dict())
@@ -352,6 +354,7 @@ def query(
     images: List[Path] = typer.Argument(..., help="Photos to locate."),
     index: Optional[Path] = _IDX,
     top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates to verify (at least 1)."),
+    local_top_k: Optional[int] = typer.Option(None, "--local-top-k", min=0, help="Candidates the index's ASMK inverted file adds (default: as many as --top-k; 0: none)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Global retrieval only."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Must match the index's model. " + _MODEL_HELP),
     local: Optional[str] = typer.Option(None, "--local", help="Must match the index's local features (default: the index's)."),
@@ -365,7 +368,8 @@ def query(
     _check_output(map_out, "--map")
     _check_output(explain, "--explain")
 
-    geo = Geolocator.from_index(_index_or_env(index), model=model, local=local, top_k=top_k, verify=not no_verify)
+    geo = Geolocator.from_index(_index_or_env(index), model=model, local=local, top_k=top_k, local_top_k=local_top_k,
+                                verify=not no_verify)
     failures = 0
     rows = []
     preds = []

@@ -22,6 +22,7 @@ def register(app: typer.Typer) -> None:
         methods: Optional[List[str]] = typer.Option(None, "--methods", help="Repeat or comma-separate; default: all."),
         radii_km: Optional[List[float]] = typer.Option(None, "--radii-km", help="Accuracy radii in km (repeat)."),
         top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates per query (at least 1)."),
+        local_top_k: Optional[int] = typer.Option(None, "--local-top-k", min=0, help="Candidates the index's ASMK inverted file adds for verified (default: as many as --top-k; 0: none)."),
         fmt: str = typer.Option("auto", "--format", help="auto, csv, placing or im2gps."),
         yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata for a Placing 2016 list."),
         map_out: bool = typer.Option(False, "--map", help="Also write bench_map.html: truth vs prediction per query."),
@@ -38,7 +39,7 @@ def register(app: typer.Typer) -> None:
         _throughput()
         ms = tuple(m.strip() for arg in (methods or [",".join(ALL_METHODS)]) for m in arg.split(",") if m.strip())
         cfg = BenchConfig(methods=ms, radii_km=tuple(radii_km) if radii_km else DEFAULT_RADII_KM, top_k=top_k,
-                          sift_top_k=top_k, map=map_out, progress=not json_out)
+                          local_top_k=local_top_k, sift_top_k=top_k, map=map_out, progress=not json_out)
         res = run_bench(_index_or_env(index), queries, images, out, cfg, fmt=fmt, yfcc_metadata=yfcc,
                         log=lambda m: typer.echo(m, err=True), ray=_ray_options(use_ray, ray_address, workers))
         if json_out:

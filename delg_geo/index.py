@@ -78,6 +78,7 @@ class Manifest:
     # ``confidence`` is the probability of being within this radius of the truth (calibrate.py)
     confidence_radius_km: float = 0.1
     calibration: dict = field(default_factory=dict)  # calibration.json: size, rule, fit summary
+    asmk: dict = field(default_factory=dict)  # the local-feature inverted file (asmk.py), when built
 
     @property
     def num_skipped(self) -> int:
@@ -335,6 +336,16 @@ class GeoIndex:
                                                    else "global.faiss", why))
         self.lats = self.table.lats
         self.lons = self.table.lons
+        self.asmk = None  # the local-feature inverted file (delg_geo/asmk.py), when the index has one
+        if m.asmk:
+            from .asmk import InvertedFile
+
+            try:
+                self.asmk = InvertedFile(self.path, n, m.asmk)
+            except IndexFormatError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise IndexFormatError(f"{self.path}: cannot read the ASMK inverted file ({e}); rebuild the index") from None
         self._norm_ref: float | None = None
         self.faiss_index, self.device = (cpu_index, "cpu") if device == "cpu" else to_device(cpu_index)
 
@@ -356,6 +367,21 @@ class GeoIndex:
         if not self.refine:
             return self.faiss_index.search(np.ascontiguousarray(q, np.float32), k)
         return search_refined(self.faiss_index, self._refine_rows, q, k, self.refine)
+
+    def global_rows(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), d) float32 whitened global descriptors of images ``ids`` (read, not mapped
+        whole, on a compressed index)."""
+        ids = np.asarray(ids, np.int64)
+        order = np.argsort(ids)
+        out = np.empty((len(ids), self.manifest.search_dim), np.float32)
+        if self.global_vectors is None:
+            raw = np.load(self.path / "global_raw.npy", mmap_mode="r")
+            out[order] = self.whitening.apply(np.asarray(raw[ids[order]], np.float32))
+        elif getattr(self, "_refine_rows", None) is not None:
+            out[order] = self._refine_rows[ids[order]]
+        else:
+            out[order] = self.global_vectors[ids[order]]
+        return out
 
     def search_vectors(self) -> np.ndarray:
         """(N, d) float32 whitened global descriptors of every image, as FAISS searches them."""

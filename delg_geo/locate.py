@@ -1,8 +1,10 @@
 """Stage 5 — locate: a photo's position from its verified nearest neighbours.
 
 ``Geolocator.from_index(path).locate(image)`` extracts the query's features, searches the
-global index for the top-k candidates, verifies each candidate's local features geometrically,
-and answers with the location of the best verified neighbour:
+global index for the top-k candidates (and, where the index has an ASMK inverted file, adds the
+top ``local_top_k`` of its local features: :func:`delg_geo.search.shortlist`), verifies each
+candidate's local features geometrically, and answers with the location of the best verified
+neighbour:
 
 * **Verified neighbours vote.** Each candidate's support is the sum, over candidates within
   ``vote_radius_km`` of it (itself included), of ``max(inliers - vote_base_inliers, 0)``; the
@@ -32,7 +34,7 @@ from .features import Features
 from .geo import haversine_km
 from .images import LoadedImage, load_image
 from .index import GeoIndex
-from .search import search
+from .search import shortlist
 from .verify import VERIFY_DEFAULTS, VerifyConfig, verify_pair
 from .decision import DecisionRule, decide_candidates, evidence_at, vote_verified  # noqa: F401 (re-exported)
 
@@ -43,6 +45,7 @@ VOTE_BASE_DEFAULTS = {"delg": 10, "xfeat": 10, "aliked-n16": 10}
 @dataclass(frozen=True)
 class LocateConfig:
     top_k: int = 100
+    local_top_k: int | None = None  # candidates the ASMK inverted file adds (where the index has one): None as many as top_k, 0 none
     verify: bool = True
     verify_config: VerifyConfig | None = None  # None: the defaults of the index's local features
     distinct_km: float = 0.05  # alternatives closer than this to a shown place are the same place
@@ -123,6 +126,7 @@ class Geolocator:
             config,
             verify_config=config.verify_config or VERIFY_DEFAULTS[local],
             vote_base_inliers=VOTE_BASE_DEFAULTS[local] if config.vote_base_inliers is None else config.vote_base_inliers,
+            local_top_k=int(config.top_k if config.local_top_k is None else config.local_top_k),
         )
         from .calibrate import load_index_calibration
 
@@ -222,21 +226,26 @@ class Geolocator:
         if feats.model_id != self.index.manifest.model_id:
             raise DelgGeoError(f"features from model {feats.model_id!r} cannot query this index")
         t1 = time.perf_counter()
-        cand = search(self.index, feats.global_descriptor, cfg.top_k)[0]
+        vc = cfg.verify_config
+        q_local = self.index.query_local(feats.local_descriptors[: vc.max_features])
+        qw = self.index.whitening.apply(np.atleast_2d(feats.global_descriptor))
+        cand = shortlist(self.index, qw, q_local, cfg.top_k, cfg.local_top_k)
         t2 = time.perf_counter()
         inliers = np.zeros(len(cand.ids), np.int64)
         if cfg.verify and len(cand.ids):
-            inliers = self.verify_candidates(feats, cand.ids)
+            inliers = self.verify_candidates(feats, cand.ids, q_local)
         t3 = time.perf_counter()
         timings = {"extract": round(extract_ms, 2), "search": round((t2 - t1) * 1e3, 2), "verify": round((t3 - t2) * 1e3, 2)}
         return self.decide(label, cand.ids, cand.similarities, inliers, timings)
 
-    def verify_candidates(self, feats: Features, ids: np.ndarray) -> np.ndarray:
+    def verify_candidates(self, feats: Features, ids: np.ndarray, q_desc: np.ndarray | None = None) -> np.ndarray:
         """Inliers per candidate; -1 marks a candidate whose stored local features are damaged
-        (:meth:`decide` leaves it out, with a note)."""
+        (:meth:`decide` leaves it out, with a note). ``q_desc``: the query's local descriptors
+        already in the store's matching space."""
         vc = self.config.verify_config
         q_kp = feats.keypoints[: vc.max_features]
-        q_desc = self.index.query_local(feats.local_descriptors[: vc.max_features])
+        if q_desc is None:
+            q_desc = self.index.query_local(feats.local_descriptors[: vc.max_features])
 
         def one(i: int) -> int:
             kp, desc = self.index.local_features(int(i))

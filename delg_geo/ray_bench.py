@@ -30,14 +30,15 @@ SHARDS = ".queries"
 class QueryWorker:
     """A Ray actor: one index and model, many query shards."""
 
-    def __init__(self, index_dir: str, verify_threads: int):
+    def __init__(self, index_dir: str, verify_threads: int, local_top_k: int = 100):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         from .locate import Geolocator, LocateConfig
         from .runtime import configure_for_throughput
 
         check_shared(socket.gethostname(), [(f"{index_dir}/manifest.json", "the index folder")])
         configure_for_throughput()
-        self.geo = Geolocator.from_index(index_dir, config=LocateConfig(places=False, workers=verify_threads))
+        self.geo = Geolocator.from_index(index_dir, config=LocateConfig(places=False, workers=verify_threads,
+                                                                        local_top_k=local_top_k))
 
     def ready(self, shards_dir: str, probe_image: str | None) -> dict:
         host = socket.gethostname()
@@ -61,11 +62,12 @@ def _state(index_dir: Path, items, search_k: int, verify_k: int, keep_global: bo
 
 
 def query_candidates_on_ray(index_dir, items, out_dir, search_k: int, verify_k: int, ray_opts: RayOptions,
-                            shard_size: int = 64, progress: bool = True, log=print, keep_global: bool = True) -> QueryCandidates:
+                            shard_size: int = 64, progress: bool = True, log=print, keep_global: bool = True,
+                            local_top_k: int = 100) -> QueryCandidates:
     """Stage 1 of the bench for ``items`` on Ray workers, resumable; the finished record in query order."""
     index_dir = Path(index_dir).resolve()
     shards_dir = Path(out_dir).resolve() / SHARDS
-    state = _state(index_dir, items, search_k, verify_k, keep_global)
+    state = dict(_state(index_dir, items, search_k, verify_k, keep_global), local_top_k=int(local_top_k))
     dim = int(read_manifest(index_dir).global_dim) if keep_global else 0
     state_file = shards_dir / "state.json"
     if state_file.exists():
@@ -97,7 +99,7 @@ def query_candidates_on_ray(index_dir, items, out_dir, search_k: int, verify_k: 
             plan = plan_workers(ray_opts, ray.cluster_resources()).at_most(len(runs))
             t0 = time.perf_counter()
             actors, start, where = start_actors(
-                ray, QueryWorker, plan, ray_opts.max_retries, (str(index_dir), plan.threads),
+                ray, QueryWorker, plan, ray_opts.max_retries, (str(index_dir), plan.threads, int(local_top_k)),
                 (str(shards_dir), str(items[int(runs[0][0])].path)),
             )
             hosts = sorted({w["host"] for w in where})

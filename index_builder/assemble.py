@@ -22,7 +22,8 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -72,6 +73,9 @@ class CompactOptions:
     pq_m: int | None = None
     max_local: int = 500  # local features kept per image (the highest-attention ones)
     keep_raw: bool = False  # also store the model's float32 global descriptors
+    asmk: bool = True  # an ASMK inverted file over the local features (delg_geo/asmk.py)
+    asmk_coarse: int = 256  # codebook: coarse cells, then up to asmk_fine words in each
+    asmk_fine: int = 64
     train_images: int = 50_000
     train_local: int = 200_000
     seed: int = 0
@@ -114,6 +118,9 @@ class Part:
     global_vectors: np.ndarray | None = None  # (n, d)
     local_projected: np.ndarray | None = None  # (m, dim)
     local_codes: np.ndarray | None = None  # (m, code width): already encoded by the index's codec
+    # ASMK entries already aggregated (image within the part, word, packed signature), as
+    # synthetic distractors come; else they are computed from the kept local features
+    asmk_entries: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -232,11 +239,14 @@ def assemble_index(
     if base_m is not None and base_m.format_version < 2:
         raise IndexFormatError(f"{base}: format {base_m.format_version}; pass it as a part (legacy_part) instead")
 
+    codebook = None
     if base_m is not None:
         base = Path(base)
         wh = Whitening.load(base / "whitening.npz")
         codec = LocalCodec.load(base / "local_codec.npz")
         wh_info = dict(base_m.whitening)
+        if opts.asmk:
+            codebook = _base_codebook(base, base_m, codec, opts, log)
     else:
         g_sample, l_sample = _sample(loaders, opts, log)
         if g_sample is None:
@@ -253,6 +263,8 @@ def assemble_index(
                 wh_info["reason"] = (f"{len(g_sample)} images, fewer than the {opts.whitening_min_images} "
                                      "needed to fit PCA whitening")
         codec = fit_local_codec(l_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
+        if opts.asmk and len(l_sample):
+            codebook = _fit_codebook(codec.decode(codec.encode(l_sample)), opts, log)
         del g_sample, l_sample
 
     staging = index_dir / STAGING
@@ -266,8 +278,16 @@ def assemble_index(
     out_raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if opts.keep_raw else None
     counts_all, metas = [], []
     n_new = 0
+    from delg_geo.asmk import InvertedFileWriter
 
-    def write(meta, counts, g16, kp16, codes, raw=None):
+    asmk = InvertedFileWriter(staging, codebook) if codebook is not None else None
+
+    def write(meta, counts, g16, kp16, codes, raw=None, asmk_entries=None):
+        if asmk is not None:
+            if asmk_entries is not None:
+                asmk.add_entries(len(counts), *asmk_entries)
+            else:
+                _asmk_from_codes(asmk, codec, np.asarray(counts, np.int64), codes)
         out_g.append(g16)
         out_kp.append(kp16)
         out_codes.append(codes)
@@ -306,7 +326,7 @@ def assemble_index(
         kp = encode_keypoints(np.asarray(p.keypoints[rows], np.float64), units[:, None]) if len(rows) else \
             np.zeros((0, 2), np.uint16)
         assert int(counts.sum()) == len(rows) and int(off[-1]) == len(p.keypoints)
-        write(md, counts, g.astype(np.float16), kp, codes, p.global_raw)
+        write(md, counts, g.astype(np.float16), kp, codes, p.global_raw, p.asmk_entries)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -336,6 +356,7 @@ def assemble_index(
             fidx.add(np.asarray(gv[a : a + 100_000], np.float32))
         faiss.write_index(fidx, str(staging / "global.faiss"))
         del gv
+    asmk_info = asmk.finish() if asmk is not None else {}
     md.to_csv(staging / "metadata.csv", index=False)
     _kill_point("staging")
     wh.save(staging / "whitening.npz")
@@ -372,11 +393,44 @@ def assemble_index(
         format_version=FORMAT_VERSION,
         search=dict(params, requested=opts.index_type, exact_limit=opts.exact_limit, vectors="global.npy (float16)"),
         local=local_info,
+        asmk=asmk_info,
     )
     write_atomic(staging / MANIFEST, manifest.to_json())
     _kill_point("staged")
     swap_staging(index_dir)
     return manifest
+
+
+def _fit_codebook(sample: np.ndarray, opts: CompactOptions, log):
+    from delg_geo.asmk import Codebook
+
+    t = time.perf_counter()
+    cb = Codebook.fit(sample, opts.asmk_coarse, opts.asmk_fine, seed=opts.seed)
+    log(f"ASMK codebook: {cb.size} words in {len(cb.coarse)} cells from {len(sample)} local descriptors "
+        f"({time.perf_counter() - t:.0f} s)")
+    return cb
+
+
+def _base_codebook(base: Path, base_m, codec, opts: CompactOptions, log):
+    """The base index's codebook (its words stay the same), or one fitted on its stored features."""
+    from delg_geo.asmk import CODEBOOK, Codebook
+
+    if base_m.asmk and (base / CODEBOOK).is_file():
+        return Codebook.load(base / CODEBOOK)
+    codes = np.load(base / "local_codes.npy", mmap_mode="r")
+    if len(codes) == 0:
+        return None
+    rng = np.random.default_rng(opts.seed)
+    rows = np.sort(rng.choice(len(codes), min(len(codes), opts.train_local), replace=False))
+    return _fit_codebook(codec.decode(np.asarray(codes[rows])), opts, log)
+
+
+def _asmk_from_codes(asmk, codec, counts: np.ndarray, codes: np.ndarray, images: int = 2000) -> None:
+    """Aggregates the stored (decoded) features of ``counts`` images, a few thousand at a time."""
+    off = np.concatenate([[0], np.cumsum(counts)])
+    for a in range(0, len(counts), images):
+        b = min(len(counts), a + images)
+        asmk.add(counts[a:b], codec.decode(np.asarray(codes[off[a] : off[b]])))
 
 
 def _copy_base(base: Path, write, keep_raw: bool, chunk: int = 20_000) -> None:
@@ -417,13 +471,20 @@ def legacy_loaders(index_dir: str | Path, chunk: int = 2000) -> list[PartLoader]
 
 
 def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | None = None, log=print) -> Manifest:
-    """Convert a format-1 index into a compact (format-2) one at ``dst``, without re-extracting."""
+    """Convert a format-1 index into a compact (format-2) one at ``dst``, without re-extracting; a
+    compact index is copied with what it lacks added (the ASMK inverted file of an index built
+    before it existed), its whitening, codec and features unchanged."""
     m = read_manifest(src)
     dst = Path(dst)
     if (dst / MANIFEST).exists() or (dst.exists() and any(dst.iterdir())):
         raise DelgGeoError(f"{dst} is not empty; choose a new folder")
     model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, m.whitening.get("kind") == "pca" or
                       "reason" in m.whitening, m.model_config, m.local_features, m.local_fingerprint, m.local_config)
+    if m.format_version >= 2:
+        opts = replace(options or CompactOptions(), max_local=int(m.local.get("max_features", 500)))
+        return assemble_index(dst, [], model, options=opts, base=src, skipped=m.skipped,
+                              sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
+                              created=m.created, build_id=m.build_id, model_path=m.model_path, log=log)
     return assemble_index(dst, legacy_loaders(src), model, options=options, skipped=m.skipped,
                           sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
                           created=m.created, log=log)

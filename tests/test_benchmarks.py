@@ -5,8 +5,10 @@ timed unit tests.
 """
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -29,8 +31,10 @@ def test_venice_end_to_end(tmp_path):
     """The whole Venice run (index build + every method), under 30 minutes on 2 cores."""
     data = shared_path("venice")
     env_out = tmp_path / "runs"
+    env = dict(os.environ, OUT=str(env_out))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # this environment's delg-geo
     r = subprocess.run(["bash", str(REPO / "tools" / "venice_report.sh"), str(data)], cwd=REPO,
-                       env={**__import__("os").environ, "OUT": str(env_out)}, capture_output=True, text=True, timeout=1800)
+                       env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((env_out / "venice-bench" / "summary.json").read_text())
     m = summary["methods"]

@@ -78,9 +78,13 @@ def test_build_writes_a_complete_index(built):
     assert m.whitening["kind"] == "pca" and m.whitening["dim"] == N_REF - 1  # at most 256, at most N - 1
     assert m.index_type == "flat" and m.search["type"] == "flat"
     assert m.local["kind"] == "pca-int8" and m.local["dim"] == 48 and m.local["max_features"] == 500
-    # every file the manifest lists, but the shared whitening/codec and the --keep-raw copy: <= 32 KB an image
-    per_image = {k: v for k, v in m.files.items() if k not in ("whitening.npz", "local_codec.npz", "global_raw.npy")}
+    # every file the manifest lists, but those of a fixed size (whitening, codec, the ASMK codebook
+    # and its per-word offsets) and the --keep-raw copy: <= 32 KB an image, the inverted file included
+    shared = ("whitening.npz", "local_codec.npz", "global_raw.npy", "asmk_codebook.npz", "asmk_offsets.npy")
+    per_image = {k: v for k, v in m.files.items() if k not in shared}
     assert 20_000 < sum(per_image.values()) / N_REF <= 32 * 1024, per_image
+    asmk = (m.files["asmk_ids.npy"] + m.files["asmk_sigs.npy"] + m.files["asmk_counts.npy"]) / N_REF
+    assert m.asmk["kind"] == "asmk-binary" and 1000 < asmk <= 5500, asmk  # 4 + 6 bytes per (image, word)
     md = pd.read_csv(built["index_dir"] / "metadata.csv")
     assert list(md.columns[:5]) == ["id", "image", "path", "lat", "lon"] and "flickr_photo_id" in md.columns
     idx = GeoIndex(built["index_dir"])
@@ -253,7 +257,11 @@ def test_bench_report_on_real_queries(built, tmp_path):
     # every verified query's candidates are kept for diagnosis, and agree with the predictions
     with np.load(out / "candidates.npz", allow_pickle=False) as z:
         ids, inl = z["ids"], z["inliers"]
-        assert ids.shape == inl.shape == (N_QUERY, 30) and list(z["img_id"]) == list(v.img_id)
+        # the global top 30, then what the ASMK inverted file adds (at most as many again)
+        assert ids.shape == inl.shape and ids.shape[0] == N_QUERY and 30 < ids.shape[1] <= 60
+        assert (ids[:, :30] >= 0).all() and list(z["img_id"]) == list(v.img_id)
+        for row in ids:  # no candidate twice
+            assert len(set(row[row >= 0].tolist())) == int((row >= 0).sum())
     assert all(k in row for k, row in zip(v.inliers, inl))
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
     from diagnose_bench import diagnose
@@ -263,7 +271,8 @@ def test_bench_report_on_real_queries(built, tmp_path):
     assert counts.pop("n_queries") == N_QUERY and sum(counts.values()) == N_QUERY
     # the global top-1 is right exactly when the first candidate is within 100 m
     assert rep["recall_at_k"][1] == pytest.approx(acc["global"])
-    assert rep["recall_at_k"][30] >= rep["recall_at_k"][1]
+    r = rep["recall_at_k"]
+    assert r[20] >= r[1] and r[ids.shape[1]] >= r[20]  # the global top 20, then every candidate verified
     assert rep["cross_validation"]["default_accuracy"] == pytest.approx(acc["verified"])
     md_text = (out / "summary.md").read_text()
     assert "| verified" in md_text

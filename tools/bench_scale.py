@@ -15,6 +15,9 @@ build ends with, streaming in chunks of ``--chunk`` images (never all in memory)
   codec. To keep a million images within minutes on two cores, a pool of ``--local-pool``
   such codes is drawn once and each distractor image takes its codes at random from the pool.
   Feature counts, image sizes and keypoints are those of a randomly drawn real image.
+* **Inverted file (ASMK):** where the real index has one, each distractor's entries are
+  aggregated from its drawn codes with the index's own codebook, exactly as a build would (each
+  pool code's word and signature computed once; codes that share a word in one image are summed).
 * **Coordinates:** the MP-16 distribution of ``--cells`` (S2 cells of the 4.7 M training photos):
   a cell drawn in proportion to its photo count, at its photos' mean position, jittered
   uniformly over about the cell's size. Most distractors lie far from the query city; a few
@@ -26,7 +29,8 @@ without local features never verifies).
 
 The queries then run one at a time (``Geolocator.locate``: extract, search, verify) in a
 separate process for the index without and with the distractors, so that ``peak_rss_gb`` is the
-query process's own. The last line of stdout is one JSON object (``--json``: nothing else on
+query process's own. Both runs answer with the same decision rule and confidence: the real
+index's calibration is carried over to the copy (as after ``index add`` without recalibrating). The last line of stdout is one JSON object (``--json``: nothing else on
 stdout; progress goes to stderr). Accuracies are fractions of the queries.
 """
 
@@ -158,6 +162,18 @@ class Distractors:
         pool = int(min(pool, n * per_image)) if local else 0
         self.pool = np.concatenate([self.codec.encode_projected(_sample(rng, self.local_mix, min(500_000, pool - a)))
                                     for a in range(0, pool, 500_000)]) if pool else None
+        self.codebook = None
+        if self.pool is not None and (index_dir / "asmk_codebook.npz").is_file():
+            from delg_geo.asmk import Codebook
+
+            self.codebook = cb = Codebook.load(index_dir / "asmk_codebook.npz")
+            words, sigs = [], []
+            for a in range(0, len(self.pool), 500_000):
+                x = self.codec.decode(self.pool[a : a + 500_000])
+                w = cb.assign(x)
+                words.append(w.astype(np.int32))
+                sigs.append(np.packbits(x - cb.fine[w] > 0, axis=1))
+            self.pool_words, self.pool_sigs = np.concatenate(words), np.concatenate(sigs)
         md = pd.read_csv(index_dir / "metadata.csv", usecols=["width", "height"])
         self.sizes = md[["width", "height"]].to_numpy(np.int64)
         self.offsets = np.load(index_dir / "local_offsets.npy")
@@ -186,7 +202,8 @@ class Distractors:
             counts = np.diff(self.offsets)[donors]
             rows = np.concatenate([np.arange(self.offsets[d], self.offsets[d + 1]) for d in donors])
             kp = self.keypoints[rows]
-            codes = self.pool[rng.integers(0, len(self.pool), int(counts.sum()))]
+            drawn = rng.integers(0, len(self.pool), int(counts.sum()))
+            codes = self.pool[drawn]
         else:
             counts = np.zeros(n, np.int64)
             kp = np.zeros((0, 2), np.float32)
@@ -210,12 +227,33 @@ class Distractors:
                 rows = np.flatnonzero(away & (group == r))
                 y = self.global_mean + (g[rows] - self.global_mean) @ self.rotations[r].T
                 g[rows] = y / np.linalg.norm(y, axis=1, keepdims=True)
-        return Part(metadata=md, counts=counts, keypoints=kp, global_vectors=g, local_codes=codes)
+        entries = self.asmk_entries(drawn, counts) if self.local and self.codebook is not None else None
+        return Part(metadata=md, counts=counts, keypoints=kp, global_vectors=g, local_codes=codes, asmk_entries=entries)
+
+    def asmk_entries(self, drawn: np.ndarray, counts: np.ndarray):
+        """(image, word, signature) of the images whose codes are ``self.pool[drawn]``: a word
+        met once keeps its code's signature; codes sharing a word are aggregated as a build does."""
+        from delg_geo.asmk import aggregate
+
+        cb = self.codebook
+        img = np.repeat(np.arange(len(counts)), counts)
+        key = img * cb.size + self.pool_words[drawn]
+        order = np.argsort(key, kind="stable")
+        ks = key[order]
+        first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]])) if len(ks) else np.zeros(0, np.int64)
+        size = np.diff(np.concatenate([first, [len(ks)]]))
+        sigs = self.pool_sigs[drawn[order[first]]]
+        multi = size > 1
+        if multi.any():
+            rows = order[np.repeat(multi, size)]  # every code of a shared word, in key order
+            _, _, agg = aggregate(cb, self.codec.decode(self.pool[drawn[rows]]), self.pool_words[drawn[rows]], img[rows])
+            sigs[multi] = agg
+        return ks[first] // cb.size, ks[first] % cb.size, sigs
 
 
 # -- the query process ----------------------------------------------------------------------------
 
-def query_worker(index: Path, queries: Path, images: Path | None, top_k: int, limit: int) -> dict:
+def query_worker(index: Path, queries: Path, images: Path | None, top_k: int, limit: int, local_top_k: int | None = None) -> dict:
     """Runs in its own process: every query one at a time, then this process's peak RSS."""
     from delg_geo.geo import haversine_km
     from delg_geo.locate import Geolocator, LocateConfig
@@ -228,7 +266,7 @@ def query_worker(index: Path, queries: Path, images: Path | None, top_k: int, li
     if limit:
         items = items[:limit]
     t0 = time.perf_counter()
-    geo = Geolocator.from_index(index, config=LocateConfig(top_k=top_k, places=False), device="cpu")
+    geo = Geolocator.from_index(index, config=LocateConfig(top_k=top_k, local_top_k=local_top_k, places=False), device="cpu")
     open_s = time.perf_counter() - t0
     geo.locate(items[0].path)  # warm-up (TensorFlow builds its graphs on the first call)
     rows = []
@@ -255,7 +293,7 @@ def peak_rss_kb() -> int:
 
 def run_queries(index: Path, args, label: str) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--index", str(index), "--queries", str(args.queries),
-           "--top-k", str(args.top_k), "--limit", str(args.limit), "--distractors", "0", "--out", str(args.out)]
+           "--top-k", str(args.top_k), "--local-top-k", str(args.top_k if args.local_top_k is None else args.local_top_k), "--limit", str(args.limit), "--distractors", "0", "--out", str(args.out)]
     if args.images:
         cmd += ["--images", str(args.images)]
     log(f"[{label}] querying {index} one photo at a time in a separate process")
@@ -283,6 +321,19 @@ def summarise(d: dict, n_real: int, radius_km: float = 0.1) -> dict:
                 peak_rss_gb=float(d["peak_rss_gb"]), open_s=float(d["open_s"]))
 
 
+def carry_calibration(base: Path, target: Path) -> bool:
+    """Give the copy with distractors the real index's calibration (rule and confidence map), so
+    that both runs answer the same way; False when the real index has none in date."""
+    from delg_geo.calibrate import load_index_calibration, write_calibration
+    from delg_geo.index import GeoIndex
+
+    cal = load_index_calibration(GeoIndex(base, device="cpu", check_files=False))
+    if cal is None:
+        return False
+    write_calibration(target, cal)
+    return True
+
+
 def index_bytes(index: Path) -> int:
     from delg_geo.index import MANIFEST, read_manifest
 
@@ -308,6 +359,7 @@ def main(argv=None) -> dict:
                     help="look-alike (default): every distractor drawn like the index's photos; elsewhere: "
                          "those outside the collection's area drawn like another place")
     ap.add_argument("--top-k", type=int, default=100)
+    ap.add_argument("--local-top-k", type=int, default=None, help="candidates the ASMK inverted file adds (default: as many as --top-k; 0: none)")
     ap.add_argument("--limit", type=int, default=0, help="only the first N queries")
     ap.add_argument("--index-type", default="auto", help="auto (exact up to 100k images, IVF-PQ above), flat, ivfpq, hnsw")
     ap.add_argument("--max-disk-gb", type=float, default=40.0, help="above this, distractors get global descriptors only")
@@ -317,7 +369,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     if args.worker:
-        print(json.dumps(query_worker(args.index, args.queries, args.images, args.top_k, args.limit)))
+        print(json.dumps(query_worker(args.index, args.queries, args.images, args.top_k, args.limit, args.local_top_k)))
         return {}
 
     from delg_geo.index import read_manifest
@@ -356,6 +408,7 @@ def main(argv=None) -> dict:
                distractor_model=args.distractor_model)
     mw = assemble_index(target, gen.loaders(), model, options=opts, base=base, skipped=m.skipped,
                         sources=m.sources + [src], created=m.created, log=log, progress=not args.json)
+    carried = carry_calibration(base, target)
     build_s = time.perf_counter() - t0
     build_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # this process: generation and assembly
     total_bytes = index_bytes(target)
@@ -376,6 +429,8 @@ def main(argv=None) -> dict:
         accuracy_at_100m_without=round(without["accuracy_at_100m"], 4),
         distractor_local_features=local,
         distractor_model=args.distractor_model,
+        calibration="carried from the real index" if carried else "none (the default rule in both runs)",
+        asmk=bool(mw.asmk),
         index_type=mw.index_type,
         search=mw.search,
         local=mw.local,

@@ -1,0 +1,276 @@
+"""Stage 3b — search by local features: a binarised ASMK inverted file.
+
+At a million photos the global descriptor alone loses the right photo: a million other vectors
+crowd the top 100 (README, "A million distractors"). The local features then find candidates of
+their own, as DELG does with ASMK (Tolias et al., "To aggregate or not to aggregate", 2013):
+
+* **Visual words.** A two-level codebook (k-means into ``coarse`` cells, then k-means into up to
+  ``fine`` words inside each cell) is fitted on a sample of the index's local descriptors, in the
+  store's matching space (decoded codes, as verification sees them).
+* **One entry per image and word.** An image's descriptors that fall in the same word are
+  aggregated: their residuals to the word's centre are summed and binarised, one bit per
+  dimension (ASMK*; DELG binarises its local descriptors the same way). A Venice photo keeps
+  about 440 entries of 4 + D/8 bytes (the image id, the signature): 4.4 KB with 48-D codes.
+* **Inverted file.** Entries sorted by word (``asmk_ids.npy``, ``asmk_sigs.npy``), with each
+  word's start in ``asmk_offsets.npy`` and each image's entry count in ``asmk_counts.npy``.
+  A query reads only its words' lists, with ``pread`` (memory stays flat).
+* **Score.** Per shared word, ``h = 1 - 2 hamming / D`` and the selective kernel
+  ``h ** alpha`` when ``h > tau`` (ASMK's published ``alpha = 3``, ``tau = 0``, not tuned here);
+  an image's score is the sum over shared words over ``sqrt(n_query_words * n_image_words)``.
+
+The builder writes entries into word-range buckets as images stream in and sorts one bucket at a
+time (an external sort: a 5-million-image index never holds its entries in memory).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import IndexFormatError
+from .rowfile import NpyRows
+
+CODEBOOK = "asmk_codebook.npz"
+FILES = (CODEBOOK, "asmk_offsets.npy", "asmk_ids.npy", "asmk_sigs.npy", "asmk_counts.npy")
+
+
+def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
+    """(k, D) centres of a seeded Lloyd k-means on ``x`` (started from k distinct points; an
+    emptied cluster keeps its centre)."""
+    x = np.ascontiguousarray(x, np.float32)
+    k = int(max(1, min(k, len(x))))
+    rng = np.random.default_rng(seed)
+    c = x[np.sort(rng.choice(len(x), k, replace=False))].copy()
+    x2 = (x * x).sum(1)
+    for _ in range(iters):
+        a = nearest(x, c, x2)
+        sums = np.zeros_like(c, dtype=np.float64)
+        np.add.at(sums, a, x)
+        n = np.bincount(a, minlength=k)
+        moved = n > 0
+        new = c.copy()
+        new[moved] = (sums[moved] / n[moved, None]).astype(np.float32)
+        if np.allclose(new, c):
+            break
+        c = new
+    return c
+
+
+def nearest(x: np.ndarray, c: np.ndarray, x2: np.ndarray | None = None, chunk: int = 65536) -> np.ndarray:
+    """Index of each row of ``x``'s nearest row of ``c`` (squared L2), in chunks of rows."""
+    c2 = (c * c).sum(1)
+    out = np.empty(len(x), np.int64)
+    for a in range(0, len(x), chunk):
+        xa = x[a : a + chunk]
+        out[a : a + chunk] = np.argmin(c2[None, :] - 2.0 * (xa @ c.T), axis=1)
+    return out
+
+
+@dataclass
+class Codebook:
+    coarse: np.ndarray  # (K1, D) float32
+    fine: np.ndarray  # (K, D) float32: the words, grouped by coarse cell
+    cell_start: np.ndarray  # (K1 + 1,) int64: cell c's words are fine[cell_start[c]:cell_start[c + 1]]
+
+    @property
+    def size(self) -> int:
+        return len(self.fine)
+
+    @property
+    def dim(self) -> int:
+        return int(self.fine.shape[1])
+
+    @classmethod
+    def fit(cls, x: np.ndarray, coarse: int = 256, fine: int = 64, seed: int = 0, min_points: int = 8) -> "Codebook":
+        """Cells of at least ``fine * min_points`` sample points, and at most ``min_points`` points per word."""
+        x = np.ascontiguousarray(x, np.float32)
+        k1 = int(max(1, min(coarse, len(x) // max(1, fine * min_points))))
+        c1 = kmeans(x, k1, seed)
+        a = nearest(x, c1)
+        words, start = [], [0]
+        for c in range(len(c1)):
+            xc = x[a == c]
+            k2 = int(max(1, min(fine, len(xc) // min_points)))
+            words.append(kmeans(xc, k2, seed + 1 + c, iters=15) if len(xc) else c1[c : c + 1])
+            start.append(start[-1] + len(words[-1]))
+        return cls(c1, np.concatenate(words).astype(np.float32), np.asarray(start, np.int64))
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        """The word of each row of ``x``: its nearest cell, then the nearest word in that cell."""
+        x = np.ascontiguousarray(x, np.float32)
+        cell = nearest(x, self.coarse)
+        out = np.empty(len(x), np.int64)
+        order = np.argsort(cell, kind="stable")
+        bounds = np.searchsorted(cell[order], np.arange(len(self.coarse) + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[c] : bounds[c + 1]]
+            a, b = self.cell_start[c], self.cell_start[c + 1]
+            out[rows] = a + nearest(x[rows], self.fine[a:b])
+        return out
+
+    def save(self, path: Path) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, coarse=self.coarse, fine=self.fine, cell_start=self.cell_start)
+
+    @classmethod
+    def load(cls, path: Path) -> "Codebook":
+        with np.load(path, allow_pickle=False) as z:
+            return cls(z["coarse"].astype(np.float32), z["fine"].astype(np.float32), z["cell_start"].astype(np.int64))
+
+
+def aggregate(codebook: Codebook, x: np.ndarray, words: np.ndarray | None = None,
+              image: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(image, word, signature) entries, sorted by image then word, of descriptors ``x`` (their
+    words, if known, and the image each belongs to; one image when ``image`` is None).
+    Signatures are the packed signs of the per-(image, word) summed residuals."""
+    x = np.asarray(x, np.float32)
+    w = codebook.assign(x) if words is None else np.asarray(words, np.int64)
+    img = np.zeros(len(x), np.int64) if image is None else np.asarray(image, np.int64)
+    key = img * codebook.size + w
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+    resid = x[order] - codebook.fine[w[order]]
+    sums = np.add.reduceat(resid, first, axis=0) if len(first) else np.zeros((0, codebook.dim), np.float32)
+    k = key[first]
+    return k // codebook.size, k % codebook.size, np.packbits(sums > 0, axis=1)
+
+
+def similarity(sig_a: np.ndarray, sig_b: np.ndarray, dim: int) -> np.ndarray:
+    """``1 - 2 hamming / dim`` between packed signatures, row by row (broadcasting)."""
+    x = np.bitwise_xor(sig_a, sig_b)
+    ham = np.bitwise_count(x).sum(axis=-1, dtype=np.int64)
+    return 1.0 - 2.0 * ham / dim
+
+
+def kernel(h: np.ndarray, alpha: float, tau: float) -> np.ndarray:
+    return np.where(h > tau, np.abs(h) ** alpha * np.sign(h), 0.0)
+
+
+class InvertedFileWriter:
+    """Streams (image, word, signature) entries in image order into word-range buckets, then
+    writes the sorted inverted file (``finish``). Image ids must come in increasing order."""
+
+    def __init__(self, folder: Path, codebook: Codebook, buckets: int = 64):
+        self.folder = Path(folder)
+        self.codebook = codebook
+        self.tmp = self.folder / "asmk.tmp"
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        self.nb = int(max(1, min(buckets, codebook.size)))
+        self.width = -(-codebook.dim // 8)
+        self.edges = np.linspace(0, codebook.size, self.nb + 1).astype(np.int64)
+        self.files = [[open(self.tmp / f"{b}.{kind}", "wb") for kind in ("ids", "words", "sigs")] for b in range(self.nb)]
+        self.counts: list[np.ndarray] = []
+        self.n_images = 0
+
+    def add(self, counts: np.ndarray, vectors: np.ndarray, words: np.ndarray | None = None) -> None:
+        """Images with ``counts`` local features each, their (decoded) descriptors in order, and
+        their words when known."""
+        counts = np.asarray(counts, np.int64)
+        img = np.repeat(np.arange(len(counts)), counts)
+        i, w, s = aggregate(self.codebook, vectors, words, img)
+        self.add_entries(len(counts), i, w, s)
+
+    def add_entries(self, n_images: int, image: np.ndarray, words: np.ndarray, sigs: np.ndarray) -> None:
+        """Entries already aggregated: ``image`` in 0..n_images-1 (sorted), their words and packed signatures."""
+        image = np.asarray(image, np.int64)
+        self.counts.append(np.bincount(image, minlength=n_images).astype(np.uint16))
+        ids = (image + self.n_images).astype(np.uint32)
+        b = np.searchsorted(self.edges, np.asarray(words, np.int64), side="right") - 1
+        order = np.argsort(b, kind="stable")
+        bounds = np.searchsorted(b[order], np.arange(self.nb + 1))
+        w32 = np.asarray(words, np.uint32)
+        sigs = np.ascontiguousarray(sigs, np.uint8)
+        for k in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[k] : bounds[k + 1]]
+            f_ids, f_words, f_sigs = self.files[k]
+            f_ids.write(ids[rows].tobytes())
+            f_words.write(w32[rows].tobytes())
+            f_sigs.write(sigs[rows].tobytes())
+        self.n_images += int(n_images)
+
+    def finish(self) -> dict:
+        """Writes the inverted file's arrays into ``folder``; returns the manifest's summary."""
+        from index_builder.assemble import NpyAppender
+
+        for fs in self.files:
+            for f in fs:
+                f.close()
+        out_ids = NpyAppender(self.folder / "asmk_ids.npy", np.uint32, None)
+        out_sigs = NpyAppender(self.folder / "asmk_sigs.npy", np.uint8, self.width)
+        per_word = np.zeros(self.codebook.size, np.int64)
+        for k in range(self.nb):
+            ids = np.fromfile(self.tmp / f"{k}.ids", np.uint32)
+            words = np.fromfile(self.tmp / f"{k}.words", np.uint32)
+            sigs = np.fromfile(self.tmp / f"{k}.sigs", np.uint8).reshape(-1, self.width)
+            order = np.argsort(words, kind="stable")  # ids stay increasing within a word
+            out_ids.append(ids[order])
+            out_sigs.append(sigs[order])
+            per_word += np.bincount(words, minlength=self.codebook.size)
+        out_ids.close()
+        out_sigs.close()
+        shutil.rmtree(self.tmp)
+        np.save(self.folder / "asmk_offsets.npy", np.concatenate([[0], np.cumsum(per_word)]).astype(np.int64))
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.uint16)
+        np.save(self.folder / "asmk_counts.npy", counts)
+        self.codebook.save(self.folder / CODEBOOK)
+        n = int(per_word.sum())
+        return dict(kind="asmk-binary", words=self.codebook.size, cells=len(self.codebook.coarse), dim=self.codebook.dim,
+                    alpha=3.0, tau=0.0, entries=n, entries_per_image=round(n / max(1, self.n_images), 1),
+                    bytes_per_entry=4 + self.width)
+
+
+class InvertedFile:
+    """The index's ASMK inverted file, opened for queries (lists read with ``pread``)."""
+
+    def __init__(self, index_dir: Path, n_images: int, info: dict):
+        self.path = Path(index_dir)
+        self.codebook = Codebook.load(self.path / CODEBOOK)
+        self.offsets = np.load(self.path / "asmk_offsets.npy")
+        self.counts = np.load(self.path / "asmk_counts.npy").astype(np.float64)
+        self.ids = NpyRows(self.path / "asmk_ids.npy")
+        self.sigs = NpyRows(self.path / "asmk_sigs.npy")
+        self.alpha, self.tau = float(info.get("alpha", 3.0)), float(info.get("tau", 0.0))
+        d = self.codebook.dim
+        self.table = kernel(1.0 - 2.0 * np.arange(d + 1) / d, self.alpha, self.tau)
+        if (len(self.offsets) != self.codebook.size + 1 or len(self.counts) != n_images or self.offsets[0] != 0
+                or self.offsets[-1] != len(self.ids) or len(self.sigs) != len(self.ids) or np.any(np.diff(self.offsets) < 0)):
+            from .integrity import damaged_message
+
+            raise IndexFormatError(damaged_message(self.path, "asmk_offsets.npy", "does not match the inverted file's arrays"))
+
+    def search(self, vectors: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` (ids, scores) for one image's local descriptors (in the store's matching
+        space); images sharing no word with them are never returned."""
+        x = np.asarray(vectors, np.float32)
+        if len(x) == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        _, words, sigs = aggregate(self.codebook, x)
+        a, b = self.offsets[words], self.offsets[words + 1]
+        have = b > a
+        if not have.any():
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        a, b, q = a[have], b[have], sigs[have]
+        ids = np.concatenate([self.ids.rows(s, e) for s, e in zip(a, b)])
+        db = np.concatenate([self.sigs.rows(s, e) for s, e in zip(a, b)])
+        np.bitwise_xor(db, np.repeat(q, b - a, axis=0), out=db)
+        ham = np.bitwise_count(db).sum(axis=1, dtype=np.int32)
+        w = self.table[ham]  # the kernel of every possible distance, looked up
+        hit = w != 0
+        ids, w = ids[hit], w[hit]
+        n = len(self.counts)
+        score = np.bincount(ids, weights=w, minlength=n)
+        if exclude is not None and len(exclude):
+            score[np.asarray(exclude, np.int64)] = 0.0
+        cand = np.flatnonzero(score > 0)
+        out = score[cand] / np.sqrt(self.counts[cand] * len(words))
+        if len(cand) > k:
+            top = np.argpartition(-out, k - 1)[:k]
+            cand, out = cand[top], out[top]
+        order = np.lexsort((cand, -out))
+        return cand[order].astype(np.int64), out[order].astype(np.float32)
