@@ -256,15 +256,18 @@ class InvertedFile:
         if not have.any():
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         a, b, q = a[have], b[have], sigs[have]
-        ids = np.concatenate([self.ids.rows(s, e) for s, e in zip(a, b)])
-        db = np.concatenate([self.sigs.rows(s, e) for s, e in zip(a, b)])
-        np.bitwise_xor(db, np.repeat(q, b - a, axis=0), out=db)
-        ham = np.bitwise_count(db).sum(axis=1, dtype=np.int32)
-        w = self.table[ham]  # the kernel of every possible distance, looked up
-        hit = w != 0
-        ids, w = ids[hit], w[hit]
-        n = len(self.counts)
-        score = np.bincount(ids, weights=w, minlength=n)
+        step = next(u for u in (8, 4, 2, 1) if q.shape[1] % u == 0)  # compare signatures a machine word at a time
+        unit = np.dtype(f"u{step}")
+        qv = np.ascontiguousarray(q).view(unit)
+        score = np.zeros(len(self.counts))
+        for j, (s, e) in enumerate(zip(a, b)):  # one posting list at a time: no large temporaries
+            bits = np.bitwise_count(np.bitwise_xor(self.sigs.rows(s, e).view(unit), qv[j]))
+            ham = bits[:, 0].astype(np.int32)
+            for c in range(1, bits.shape[1]):
+                ham += bits[:, c]
+            w = self.table[ham]  # the kernel of every possible distance, looked up
+            hit = w != 0
+            np.add.at(score, self.ids.rows(s, e)[hit].astype(np.int64), w[hit])
         if exclude is not None and len(exclude):
             score[np.asarray(exclude, np.int64)] = 0.0
         cand = np.flatnonzero(score > 0)
