@@ -91,6 +91,11 @@ def test_bench_scale_small_run(tmp_path):
     assert out["accuracy_at_100m_without"] == 1.0  # a reference photo finds itself
     assert 0 <= out["accuracy_at_100m"] <= 1 and out["with_distractors"]["queries"] == 3
     assert not (tmp_path / "out" / "index-3000").exists()  # removed without --keep
+    # the distractors joined the real index's ASMK inverted file; the tiny index has no calibration
+    assert out["asmk"] is True and out["calibration"].startswith("none")
+    for name in ("without", "with"):  # every query's answer is kept for diagnosis
+        rows = pd.read_csv(tmp_path / "out" / f"queries-{name}.csv")
+        assert len(rows) == 3 and {"error_km", "method", "neighbour", "total_ms"} <= set(rows.columns)
 
 
 @pytest.mark.benchmark

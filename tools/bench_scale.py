@@ -307,6 +307,9 @@ def run_queries(index: Path, args, label: str) -> dict:
         raise SystemExit(f"the query process failed ({res.returncode}) on {index}")
     d = json.loads(res.stdout.strip().splitlines()[-1])
     d["wall_s"] = time.perf_counter() - t
+    # every query's answer, for diagnosis: OUT/queries-without.csv and OUT/queries-with.csv
+    name = "without" if label.startswith("without") else "with"
+    pd.DataFrame(d["rows"]).to_csv(Path(args.out) / f"queries-{name}.csv", index=False)
     return d
 
 
