@@ -44,9 +44,8 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
     k = int(max(1, min(k, len(x))))
     rng = np.random.default_rng(seed)
     c = x[np.sort(rng.choice(len(x), k, replace=False))].copy()
-    x2 = (x * x).sum(1)
     for _ in range(iters):
-        a = nearest(x, c, x2)
+        a = nearest(x, c)
         sums = np.zeros_like(c, dtype=np.float64)
         np.add.at(sums, a, x)
         n = np.bincount(a, minlength=k)
@@ -59,7 +58,7 @@ def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
     return c
 
 
-def nearest(x: np.ndarray, c: np.ndarray, x2: np.ndarray | None = None, chunk: int = 65536) -> np.ndarray:
+def nearest(x: np.ndarray, c: np.ndarray, chunk: int = 65536) -> np.ndarray:
     """Index of each row of ``x``'s nearest row of ``c`` (squared L2), in chunks of rows."""
     c2 = (c * c).sum(1)
     out = np.empty(len(x), np.int64)

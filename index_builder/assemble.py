@@ -222,12 +222,15 @@ def assemble_index(
     model_path: str = "",
     log=print,
     progress: bool = False,
+    add_asmk: bool = False,
 ) -> Manifest:
     """Write a complete compact index at ``index_dir`` from ``loaders`` (see the module docstring).
 
     ``base``: an existing compact index whose images come first and whose whitening and codec are
     reused (``index add``; it may be ``index_dir`` itself). ``skipped`` and ``sources`` are the
-    manifest's complete lists (the caller merges the base's).
+    manifest's complete lists (the caller merges the base's). A base keeps its ASMK inverted file
+    (same codebook) or its lack of one, unless ``add_asmk`` (``index compact``) fits one on its
+    stored features.
     """
     from delg_geo.integrity import file_checksum
 
@@ -245,7 +248,7 @@ def assemble_index(
         wh = Whitening.load(base / "whitening.npz")
         codec = LocalCodec.load(base / "local_codec.npz")
         wh_info = dict(base_m.whitening)
-        if opts.asmk:
+        if opts.asmk and (base_m.asmk or add_asmk):
             codebook = _base_codebook(base, base_m, codec, opts, log)
     else:
         g_sample, l_sample = _sample(loaders, opts, log)
@@ -484,7 +487,7 @@ def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | No
         opts = replace(options or CompactOptions(), max_local=int(m.local.get("max_features", 500)))
         return assemble_index(dst, [], model, options=opts, base=src, skipped=m.skipped,
                               sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
-                              created=m.created, build_id=m.build_id, model_path=m.model_path, log=log)
+                              created=m.created, build_id=m.build_id, model_path=m.model_path, log=log, add_asmk=True)
     return assemble_index(dst, legacy_loaders(src), model, options=options, skipped=m.skipped,
                           sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
                           created=m.created, log=log)

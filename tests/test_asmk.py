@@ -3,7 +3,6 @@ and what the index, the shortlist and the scale benchmark do with it."""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -148,7 +147,7 @@ def test_tiny_index_has_an_inverted_file_and_the_shortlist_adds_its_candidates(t
     assert i not in left_out.ids
 
 
-def test_index_compact_adds_the_inverted_file_to_an_index_without_one(tmp_path):
+def test_index_compact_adds_the_inverted_file_and_index_add_keeps_the_bases_choice(tmp_path):
     import shutil
 
     from delg_geo.index import GeoIndex, read_manifest
@@ -184,7 +183,23 @@ def test_index_compact_adds_the_inverted_file_to_an_index_without_one(tmp_path):
     # built directly with the inverted file: the same entries, since the codebook is fitted on the same codes
     direct = tmp_path / "direct"
     assemble_index(direct, [lambda: p], model, options=CompactOptions(local_dim=None), log=lambda s: None)
-    assert read_manifest(direct).asmk["entries"] > 0
+    assert read_manifest(direct).asmk["entries"] == m.asmk["entries"]
+    for name in ("asmk_ids.npy", "asmk_sigs.npy", "asmk_offsets.npy", "asmk_counts.npy"):
+        np.testing.assert_array_equal(np.load(direct / name), np.load(up / name), err_msg=name)
+    # index add keeps what the base has: no inverted file stays none, one stays with its codebook
+    def more():
+        q = part()
+        q.metadata["image"] = q.metadata["path"] = [f"q{i}.jpg" for i in range(n)]
+        return q
+
+    plain_m = read_manifest(plain)
+    added = assemble_index(plain, [more], model, options=CompactOptions(local_dim=None), base=plain, log=lambda s: None)
+    assert added.num_images == 2 * n and added.asmk == {} and GeoIndex(plain).asmk is None
+    up_codebook = np.load(up / "asmk_codebook.npz")["fine"]
+    added = assemble_index(up, [more], model, options=CompactOptions(local_dim=None), base=up, log=lambda s: None)
+    assert added.num_images == 2 * n and added.asmk["entries"] > m.asmk["entries"]
+    np.testing.assert_array_equal(np.load(up / "asmk_codebook.npz")["fine"], up_codebook)
+    assert len(GeoIndex(up).asmk.counts) == 2 * n and plain_m.num_images == n
     shutil.rmtree(plain)
 
 
