@@ -74,8 +74,9 @@ class CompactOptions:
     max_local: int = 500  # local features kept per image (the highest-attention ones)
     keep_raw: bool = False  # also store the model's float32 global descriptors
     asmk: bool = True  # an ASMK inverted file over the local features (delg_geo/asmk.py)
-    asmk_coarse: int = 256  # codebook: coarse cells, then up to asmk_fine words in each
-    asmk_fine: int = 64
+    asmk_words: int | None = None  # codebook size; None: sized to the collection (asmk_words_for)
+    asmk_coarse: int = 256  # the codebook's coarse cells (its words are split among them)
+    asmk_train: int = 2_000_000  # at most this many local descriptors to fit the codebook on
     train_images: int = 50_000
     train_local: int = 200_000
     seed: int = 0
@@ -223,6 +224,8 @@ def assemble_index(
     log=print,
     progress: bool = False,
     add_asmk: bool = False,
+    expected_images: int | None = None,
+    codebook=None,
 ) -> Manifest:
     """Write a complete compact index at ``index_dir`` from ``loaders`` (see the module docstring).
 
@@ -230,7 +233,8 @@ def assemble_index(
     reused (``index add``; it may be ``index_dir`` itself). ``skipped`` and ``sources`` are the
     manifest's complete lists (the caller merges the base's). A base keeps its ASMK inverted file
     (same codebook) or its lack of one, unless ``add_asmk`` (``index compact``) fits one on its
-    stored features.
+    stored features. ``expected_images`` (the whole index's size, where the caller knows it)
+    sizes a new codebook; ``codebook`` imposes one (``tools/bench_scale.py``).
     """
     from delg_geo.integrity import file_checksum
 
@@ -242,16 +246,19 @@ def assemble_index(
     if base_m is not None and base_m.format_version < 2:
         raise IndexFormatError(f"{base}: format {base_m.format_version}; pass it as a part (legacy_part) instead")
 
-    codebook = None
+    if not opts.asmk:
+        codebook = None
     if base_m is not None:
         base = Path(base)
         wh = Whitening.load(base / "whitening.npz")
         codec = LocalCodec.load(base / "local_codec.npz")
         wh_info = dict(base_m.whitening)
-        if opts.asmk and (base_m.asmk or add_asmk):
-            codebook = _base_codebook(base, base_m, codec, opts, log)
+        if opts.asmk and codebook is None and (base_m.asmk or add_asmk):
+            codebook = _base_codebook(base, base_m, codec, opts, log, expected_images)
     else:
-        g_sample, l_sample = _sample(loaders, opts, log)
+        words = asmk_words_for(expected_images, opts.max_local, opts)
+        # the codebook may want more local descriptors than the codec; the codec takes a subsample
+        g_sample, l_sample = _sample(loaders, replace(opts, train_local=asmk_sample_size(words, opts)) if opts.asmk else opts, log)
         if g_sample is None:
             raise DelgGeoError("no raw features to train the index on")
         if model.needs_whitening and len(g_sample) >= opts.whitening_min_images:
@@ -265,10 +272,14 @@ def assemble_index(
             if model.needs_whitening:
                 wh_info["reason"] = (f"{len(g_sample)} images, fewer than the {opts.whitening_min_images} "
                                      "needed to fit PCA whitening")
-        codec = fit_local_codec(l_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
-        if opts.asmk and len(l_sample):
-            codebook = _fit_codebook(codec.decode(codec.encode(l_sample)), opts, log)
-        del g_sample, l_sample
+        codec_sample = l_sample
+        if len(l_sample) > opts.train_local:
+            pick = np.random.default_rng(opts.seed).choice(len(l_sample), opts.train_local, replace=False)
+            codec_sample = l_sample[np.sort(pick)]
+        codec = fit_local_codec(codec_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
+        if opts.asmk and codebook is None and len(l_sample):
+            codebook = fit_codebook(codec.decode(codec.encode(l_sample)), words, opts, log)
+        del g_sample, l_sample, codec_sample
 
     staging = index_dir / STAGING
     if staging.exists():
@@ -404,28 +415,54 @@ def assemble_index(
     return manifest
 
 
-def _fit_codebook(sample: np.ndarray, opts: CompactOptions, log):
+#: The inverted file's codebook: at least this many words (measured on Venice: 16,384), about one
+#: word per ENTRIES_PER_WORD entries (a query reads ~450 lists, so this bounds its reads), at
+#: most MAX_WORDS, and at least MIN_POINTS_PER_WORD training descriptors per word.
+MIN_WORDS, MAX_WORDS, ENTRIES_PER_WORD, MIN_POINTS_PER_WORD = 16_384, 262_144, 8_000, 8
+
+
+def asmk_words_for(n_images: int | None, max_local: int, opts: CompactOptions) -> int:
+    """The codebook size for a collection of ``n_images`` (about 0.9 entries per kept feature)."""
+    if opts.asmk_words:
+        return int(opts.asmk_words)
+    want = int(0.9 * max_local * (n_images or 0) / ENTRIES_PER_WORD)
+    return int(min(MAX_WORDS, max(MIN_WORDS, want)))
+
+
+def asmk_sample_size(words: int, opts: CompactOptions) -> int:
+    """Local descriptors to fit a codebook of ``words`` words on."""
+    return int(min(opts.asmk_train, max(opts.train_local, MIN_POINTS_PER_WORD * words)))
+
+
+def fit_codebook(sample: np.ndarray, words: int, opts: CompactOptions, log=print):
+    """A codebook of about ``words`` words (fewer when ``sample`` is small) in ``asmk_coarse`` cells."""
     from delg_geo.asmk import Codebook
 
     t = time.perf_counter()
-    cb = Codebook.fit(sample, opts.asmk_coarse, opts.asmk_fine, seed=opts.seed)
+    fine = -(-int(words) // opts.asmk_coarse)
+    cb = Codebook.fit(sample, opts.asmk_coarse, fine, seed=opts.seed, min_points=MIN_POINTS_PER_WORD)
     log(f"ASMK codebook: {cb.size} words in {len(cb.coarse)} cells from {len(sample)} local descriptors "
         f"({time.perf_counter() - t:.0f} s)")
     return cb
 
 
-def _base_codebook(base: Path, base_m, codec, opts: CompactOptions, log):
+def _base_codebook(base: Path, base_m, codec, opts: CompactOptions, log, n_images: int | None = None):
     """The base index's codebook (its words stay the same), or one fitted on its stored features."""
     from delg_geo.asmk import CODEBOOK, Codebook
 
     if base_m.asmk and (base / CODEBOOK).is_file():
         return Codebook.load(base / CODEBOOK)
-    codes = np.load(base / "local_codes.npy", mmap_mode="r")
-    if len(codes) == 0:
-        return None
-    rng = np.random.default_rng(opts.seed)
-    rows = np.sort(rng.choice(len(codes), min(len(codes), opts.train_local), replace=False))
-    return _fit_codebook(codec.decode(np.asarray(codes[rows])), opts, log)
+    words = asmk_words_for(n_images or base_m.num_images, int(base_m.local.get("max_features", opts.max_local)), opts)
+    sample = stored_feature_sample(base, codec, asmk_sample_size(words, opts), opts.seed)
+    return fit_codebook(sample, words, opts, log) if len(sample) else None
+
+
+def stored_feature_sample(index_dir: Path, codec, n: int, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` of a compact index's stored local descriptors, decoded, drawn at random (seeded)."""
+    codes = np.load(Path(index_dir) / "local_codes.npy", mmap_mode="r")
+    rng = np.random.default_rng(seed)
+    rows = np.sort(rng.choice(len(codes), min(len(codes), int(n)), replace=False))
+    return codec.decode(np.asarray(codes[rows])) if len(rows) else np.zeros((0, 1), np.float32)
 
 
 def _asmk_from_codes(asmk, codec, counts: np.ndarray, codes: np.ndarray, images: int = 2000) -> None:

@@ -569,6 +569,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
         index_dir, loaders, ModelInfo.of(extractor), options=opts.compact_options(), base=base, skipped=all_skipped,
         sources=(old.sources if old else []) + [source], created=old.created if old else state.get("started", now_iso()),
         build_id=str(state.get("build_id", "")), model_path=_model_path(extractor, old), log=log, progress=opts.progress,
+        expected_images=source["added"] + (old.num_images if old else 0),  # sizes the inverted file's codebook
     )
 
 

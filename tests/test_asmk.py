@@ -222,3 +222,20 @@ def test_bench_scale_distractor_entries_are_what_a_build_computes(tmp_path, tiny
     np.testing.assert_array_equal(img, want[0])
     np.testing.assert_array_equal(words, want[1])
     np.testing.assert_array_equal(sigs, want[2])
+
+
+def test_codebook_grows_with_the_collection():
+    from index_builder.assemble import CompactOptions, asmk_sample_size, asmk_words_for, fit_codebook
+
+    o = CompactOptions()
+    assert asmk_words_for(1898, 500, o) == 16_384  # Venice: the measured setting
+    assert asmk_words_for(1_001_898, 500, o) == 56_356  # about 8,000 entries a list at a million
+    assert asmk_words_for(5_000_000, 500, o) == 262_144  # capped
+    assert asmk_words_for(None, 500, o) == 16_384
+    assert asmk_words_for(10**6, 500, CompactOptions(asmk_words=4096)) == 4096
+    assert asmk_sample_size(16_384, o) == 200_000 and asmk_sample_size(56_356, o) == 450_848
+    assert asmk_sample_size(262_144, o) == 2_000_000
+    # a small sample limits the words: at least 8 training descriptors each
+    x = np.random.default_rng(6).standard_normal((20_000, 8)).astype(np.float32)
+    cb = fit_codebook(x, 56_356, o, log=lambda s: None)
+    assert cb.size <= 20_000 // 8 and len(cb.coarse) <= 256

@@ -15,9 +15,11 @@ build ends with, streaming in chunks of ``--chunk`` images (never all in memory)
   codec. To keep a million images within minutes on two cores, a pool of ``--local-pool``
   such codes is drawn once and each distractor image takes its codes at random from the pool.
   Feature counts, image sizes and keypoints are those of a randomly drawn real image.
-* **Inverted file (ASMK):** where the real index has one, each distractor's entries are
-  aggregated from its drawn codes with the index's own codebook, exactly as a build would (each
-  pool code's word and signature computed once; codes that share a word in one image are summed).
+* **Inverted file (ASMK):** where the real index has one, the copy gets the codebook a build of
+  that many images would fit (``asmk_words_for``: about 56,000 words at a million), fitted on the real
+  photos' stored features; the real photos' entries are recomputed with it, and each
+  distractor's are aggregated from its drawn codes exactly as a build would (each pool code's
+  word and signature computed once; codes that share a word in one image are summed).
 * **Coordinates:** the MP-16 distribution of ``--cells`` (S2 cells of the 4.7 M training photos):
   a cell drawn in proportion to its photo count, at its photos' mean position, jittered
   uniformly over about the cell's size. Most distractors lie far from the query city; a few
@@ -136,7 +138,7 @@ class Distractors:
     """Fitted once on a compact index; ``part(j)`` generates chunk ``j`` (seeded, repeatable)."""
 
     def __init__(self, index_dir: Path, cells: pd.DataFrame, n: int, chunk: int, seed: int, local: bool,
-                 pool: int = 4_000_000, model: str = "look-alike"):
+                 pool: int = 4_000_000, model: str = "look-alike", codebook=None):
         from delg_geo.store import LocalCodec, decode_keypoints, keypoint_unit
 
         if model not in DISTRACTOR_MODELS:
@@ -163,10 +165,10 @@ class Distractors:
         self.pool = np.concatenate([self.codec.encode_projected(_sample(rng, self.local_mix, min(500_000, pool - a)))
                                     for a in range(0, pool, 500_000)]) if pool else None
         self.codebook = None
-        if self.pool is not None and (index_dir / "asmk_codebook.npz").is_file():
+        if self.pool is not None and (codebook is not None or (index_dir / "asmk_codebook.npz").is_file()):
             from delg_geo.asmk import Codebook
 
-            self.codebook = cb = Codebook.load(index_dir / "asmk_codebook.npz")
+            self.codebook = cb = codebook if codebook is not None else Codebook.load(index_dir / "asmk_codebook.npz")
             words, sigs = [], []
             for a in range(0, len(self.pool), 500_000):
                 x = self.codec.decode(self.pool[a : a + 500_000])
@@ -402,7 +404,17 @@ def main(argv=None) -> dict:
     if target.exists():
         shutil.rmtree(target)
     cells = read_cells(args.cells)
-    gen = Distractors(base, cells, args.distractors, args.chunk, args.seed, local, args.local_pool, args.distractor_model)
+    codebook = None
+    if local and m.asmk:  # the codebook a build of this many images would fit, on the real photos' features
+        from delg_geo.store import LocalCodec
+        from index_builder.assemble import asmk_sample_size, asmk_words_for, fit_codebook, stored_feature_sample
+
+        o = CompactOptions(seed=args.seed)
+        words = asmk_words_for(n_real + args.distractors, int(m.local.get("max_features", 500)), o)
+        sample = stored_feature_sample(base, LocalCodec.load(base / "local_codec.npz"), asmk_sample_size(words, o), args.seed)
+        codebook = fit_codebook(sample, words, o, log)
+    gen = Distractors(base, cells, args.distractors, args.chunk, args.seed, local, args.local_pool, args.distractor_model,
+                      codebook=codebook)
     log(f"adding {args.distractors} distractors in {len(gen)} chunks of {args.chunk} to a copy of {base}")
     model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, False, m.model_config,
                       m.local_features, m.local_fingerprint, m.local_config)  # queries keep the index's --local
@@ -410,7 +422,7 @@ def main(argv=None) -> dict:
     src = dict(distractors=args.distractors, local_features=local, cells=str(args.cells), seed=args.seed,
                distractor_model=args.distractor_model)
     mw = assemble_index(target, gen.loaders(), model, options=opts, base=base, skipped=m.skipped,
-                        sources=m.sources + [src], created=m.created, log=log, progress=not args.json)
+                        sources=m.sources + [src], created=m.created, log=log, progress=not args.json, codebook=codebook)
     carried = carry_calibration(base, target)
     build_s = time.perf_counter() - t0
     build_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # this process: generation and assembly
