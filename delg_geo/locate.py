@@ -102,6 +102,7 @@ class Prediction:
     confidence_radius_km: float = 0.1
     calibrated: bool = False  # False: confidence is an uncalibrated score (the index has no calibration)
     confidence_text: str = ""  # the confidence in words, e.g. "likely within 100 m: 83%"
+    candidates: int = 0  # how many candidates were searched out (and verified, unless verification is off)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -236,7 +237,9 @@ class Geolocator:
             inliers = self.verify_candidates(feats, cand.ids, q_local)
         t3 = time.perf_counter()
         timings = {"extract": round(extract_ms, 2), "search": round((t2 - t1) * 1e3, 2), "verify": round((t3 - t2) * 1e3, 2)}
-        return self.decide(label, cand.ids, cand.similarities, inliers, timings)
+        pred = self.decide(label, cand.ids, cand.similarities, inliers, timings)
+        pred.candidates = int(len(cand.ids))
+        return pred
 
     def verify_candidates(self, feats: Features, ids: np.ndarray, q_desc: np.ndarray | None = None) -> np.ndarray:
         """Inliers per candidate; -1 marks a candidate whose stored local features are damaged

@@ -239,3 +239,16 @@ def test_codebook_grows_with_the_collection():
     x = np.random.default_rng(6).standard_normal((20_000, 8)).astype(np.float32)
     cb = fit_codebook(x, 56_356, o, log=lambda s: None)
     assert cb.size <= 20_000 // 8 and len(cb.coarse) <= 256
+
+
+def test_a_query_verifies_the_inverted_files_candidates_too(tiny_geo):
+    from delg_geo.locate import Geolocator, LocateConfig
+
+    geo, ref, venice = tiny_geo
+    photo = venice / ref.image[4]
+    both = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=3, local_top_k=5, places=False)).locate(photo)
+    only = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=3, local_top_k=0, places=False)).locate(photo)
+    assert only.candidates == 3 and 3 < both.candidates <= 8
+    assert both.to_dict()["candidates"] == both.candidates  # in the JSON a query prints
+    default = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=3, places=False))
+    assert default.config.local_top_k == 3  # as many as the global top-k unless told
