@@ -6,11 +6,13 @@ their own, as DELG does with ASMK (Tolias et al., "To aggregate or not to aggreg
 
 * **Visual words.** A two-level codebook (k-means into ``coarse`` cells, then k-means into up to
   ``fine`` words inside each cell) is fitted on a sample of the index's local descriptors, in the
-  store's matching space (decoded codes, as verification sees them).
+  store's matching space (decoded codes, as verification sees them); the build sizes it to the
+  collection (``index_builder.assemble.asmk_words_for``: 16,384 words at Venice size, about one
+  word per 8,000 entries above).
 * **One entry per image and word.** An image's descriptors that fall in the same word are
   aggregated: their residuals to the word's centre are summed and binarised, one bit per
   dimension (ASMK*; DELG binarises its local descriptors the same way). A Venice photo keeps
-  about 440 entries of 4 + D/8 bytes (the image id, the signature): 4.4 KB with 48-D codes.
+  about 455 entries of 4 + D/8 bytes (the image id, the signature): 4.5 KB with 48-D codes.
 * **Inverted file.** Entries sorted by word (``asmk_ids.npy``, ``asmk_sigs.npy``), with each
   word's start in ``asmk_offsets.npy`` and each image's entry count in ``asmk_counts.npy``.
   A query reads only its words' lists, with ``pread`` (memory stays flat).
@@ -18,13 +20,13 @@ their own, as DELG does with ASMK (Tolias et al., "To aggregate or not to aggreg
   ``h ** alpha`` when ``h > tau`` (ASMK's published ``alpha = 3``, ``tau = 0``, not tuned here);
   an image's score is the sum over shared words over ``sqrt(n_query_words * n_image_words)``.
 
-The builder writes entries into word-range buckets as images stream in and sorts one bucket at a
-time (an external sort: a 5-million-image index never holds its entries in memory).
+``index_builder/inverted_file.py`` writes it: entries go into word-range buckets as images stream
+in and one bucket is sorted at a time (an external sort: a 5-million-image index never holds its
+entries in memory).
 """
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,6 @@ from .errors import IndexFormatError
 from .rowfile import NpyRows
 
 CODEBOOK = "asmk_codebook.npz"
-FILES = (CODEBOOK, "asmk_offsets.npy", "asmk_ids.npy", "asmk_sigs.npy", "asmk_counts.npy")
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
@@ -84,7 +85,8 @@ class Codebook:
 
     @classmethod
     def fit(cls, x: np.ndarray, coarse: int = 256, fine: int = 64, seed: int = 0, min_points: int = 8) -> "Codebook":
-        """Cells of at least ``fine * min_points`` sample points, and at most ``min_points`` points per word."""
+        """Up to ``coarse`` cells of at least ``fine * min_points`` sample points each, then up to
+        ``fine`` words in each cell, with at least ``min_points`` sample points per word."""
         x = np.ascontiguousarray(x, np.float32)
         k1 = int(max(1, min(coarse, len(x) // max(1, fine * min_points))))
         c1 = kmeans(x, k1, seed)
@@ -147,81 +149,6 @@ def similarity(sig_a: np.ndarray, sig_b: np.ndarray, dim: int) -> np.ndarray:
 
 def kernel(h: np.ndarray, alpha: float, tau: float) -> np.ndarray:
     return np.where(h > tau, np.abs(h) ** alpha * np.sign(h), 0.0)
-
-
-class InvertedFileWriter:
-    """Streams (image, word, signature) entries in image order into word-range buckets, then
-    writes the sorted inverted file (``finish``). Image ids must come in increasing order."""
-
-    def __init__(self, folder: Path, codebook: Codebook, buckets: int = 64):
-        self.folder = Path(folder)
-        self.codebook = codebook
-        self.tmp = self.folder / "asmk.tmp"
-        if self.tmp.exists():
-            shutil.rmtree(self.tmp)
-        self.tmp.mkdir(parents=True)
-        self.nb = int(max(1, min(buckets, codebook.size)))
-        self.width = -(-codebook.dim // 8)
-        self.edges = np.linspace(0, codebook.size, self.nb + 1).astype(np.int64)
-        self.files = [[open(self.tmp / f"{b}.{kind}", "wb") for kind in ("ids", "words", "sigs")] for b in range(self.nb)]
-        self.counts: list[np.ndarray] = []
-        self.n_images = 0
-
-    def add(self, counts: np.ndarray, vectors: np.ndarray, words: np.ndarray | None = None) -> None:
-        """Images with ``counts`` local features each, their (decoded) descriptors in order, and
-        their words when known."""
-        counts = np.asarray(counts, np.int64)
-        img = np.repeat(np.arange(len(counts)), counts)
-        i, w, s = aggregate(self.codebook, vectors, words, img)
-        self.add_entries(len(counts), i, w, s)
-
-    def add_entries(self, n_images: int, image: np.ndarray, words: np.ndarray, sigs: np.ndarray) -> None:
-        """Entries already aggregated: ``image`` in 0..n_images-1 (sorted), their words and packed signatures."""
-        image = np.asarray(image, np.int64)
-        self.counts.append(np.bincount(image, minlength=n_images).astype(np.uint16))
-        ids = (image + self.n_images).astype(np.uint32)
-        b = np.searchsorted(self.edges, np.asarray(words, np.int64), side="right") - 1
-        order = np.argsort(b, kind="stable")
-        bounds = np.searchsorted(b[order], np.arange(self.nb + 1))
-        w32 = np.asarray(words, np.uint32)
-        sigs = np.ascontiguousarray(sigs, np.uint8)
-        for k in np.flatnonzero(np.diff(bounds)):
-            rows = order[bounds[k] : bounds[k + 1]]
-            f_ids, f_words, f_sigs = self.files[k]
-            f_ids.write(ids[rows].tobytes())
-            f_words.write(w32[rows].tobytes())
-            f_sigs.write(sigs[rows].tobytes())
-        self.n_images += int(n_images)
-
-    def finish(self) -> dict:
-        """Writes the inverted file's arrays into ``folder``; returns the manifest's summary."""
-        from index_builder.assemble import NpyAppender
-
-        for fs in self.files:
-            for f in fs:
-                f.close()
-        out_ids = NpyAppender(self.folder / "asmk_ids.npy", np.uint32, None)
-        out_sigs = NpyAppender(self.folder / "asmk_sigs.npy", np.uint8, self.width)
-        per_word = np.zeros(self.codebook.size, np.int64)
-        for k in range(self.nb):
-            ids = np.fromfile(self.tmp / f"{k}.ids", np.uint32)
-            words = np.fromfile(self.tmp / f"{k}.words", np.uint32)
-            sigs = np.fromfile(self.tmp / f"{k}.sigs", np.uint8).reshape(-1, self.width)
-            order = np.argsort(words, kind="stable")  # ids stay increasing within a word
-            out_ids.append(ids[order])
-            out_sigs.append(sigs[order])
-            per_word += np.bincount(words, minlength=self.codebook.size)
-        out_ids.close()
-        out_sigs.close()
-        shutil.rmtree(self.tmp)
-        np.save(self.folder / "asmk_offsets.npy", np.concatenate([[0], np.cumsum(per_word)]).astype(np.int64))
-        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.uint16)
-        np.save(self.folder / "asmk_counts.npy", counts)
-        self.codebook.save(self.folder / CODEBOOK)
-        n = int(per_word.sum())
-        return dict(kind="asmk-binary", words=self.codebook.size, cells=len(self.codebook.coarse), dim=self.codebook.dim,
-                    alpha=3.0, tau=0.0, entries=n, entries_per_image=round(n / max(1, self.n_images), 1),
-                    bytes_per_entry=4 + self.width)
 
 
 class InvertedFile:

@@ -292,7 +292,7 @@ def assemble_index(
     out_raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if opts.keep_raw else None
     counts_all, metas = [], []
     n_new = 0
-    from delg_geo.asmk import InvertedFileWriter
+    from .inverted_file import InvertedFileWriter
 
     asmk = InvertedFileWriter(staging, codebook) if codebook is not None else None
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delg_geo.asmk import Codebook, InvertedFile, InvertedFileWriter, aggregate, kernel, similarity
+from delg_geo.asmk import Codebook, InvertedFile, aggregate, kernel, similarity
+from index_builder.inverted_file import InvertedFileWriter
 
 from _tiny_index import tiny_geo  # noqa: F401  (session fixture; skips without ../shared)
 
