@@ -170,6 +170,25 @@ class InvertedFile:
 
             raise IndexFormatError(damaged_message(self.path, "asmk_offsets.npy", "does not match the inverted file's arrays"))
 
+    def _damaged(self, name: str, why: str) -> str:
+        from .integrity import damaged_message
+
+        return damaged_message(self.path, name, why)
+
+    def problem(self, chunk: int = 1 << 24) -> tuple[str, str] | None:
+        """(file, why) the inverted file cannot be trusted (reads all of it), or None: every id
+        names an image, and each image holds as many entries as its count says."""
+        n = len(self.counts)
+        seen = np.zeros(n, np.int64)
+        for a in range(0, len(self.ids), chunk):
+            ids = self.ids.rows(a, a + chunk)
+            if len(ids) and int(ids.max()) >= n:
+                return "asmk_ids.npy", f"holds image id {int(ids.max())}, beyond the {n} images"
+            seen += np.bincount(ids, minlength=n)
+        if not np.array_equal(seen, self.counts.astype(np.int64)):
+            return "asmk_ids.npy", "does not match asmk_counts.npy (entries per image)"
+        return None
+
     def search(self, vectors: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` (ids, scores) for one image's local descriptors (in the store's matching
         space); images sharing no word with them are never returned."""
@@ -185,7 +204,8 @@ class InvertedFile:
         step = next(u for u in (8, 4, 2, 1) if q.shape[1] % u == 0)  # compare signatures a machine word at a time
         unit = np.dtype(f"u{step}")
         qv = np.ascontiguousarray(q).view(unit)
-        score = np.zeros(len(self.counts))
+        n = len(self.counts)
+        score = np.zeros(n)
         for j, (s, e) in enumerate(zip(a, b)):  # one posting list at a time: no large temporaries
             bits = np.bitwise_count(np.bitwise_xor(self.sigs.rows(s, e).view(unit), qv[j]))
             ham = bits[:, 0].astype(np.int32)
@@ -193,7 +213,10 @@ class InvertedFile:
                 ham += bits[:, c]
             w = self.table[ham]  # the kernel of every possible distance, looked up
             hit = w != 0
-            np.add.at(score, self.ids.rows(s, e)[hit].astype(np.int64), w[hit])
+            ids = self.ids.rows(s, e)
+            if len(ids) and int(ids.max()) >= n:
+                raise IndexFormatError(self._damaged("asmk_ids.npy", f"holds image id {int(ids.max())}, beyond the {n} images"))
+            np.add.at(score, ids[hit].astype(np.int64), w[hit])
         if exclude is not None and len(exclude):
             score[np.asarray(exclude, np.int64)] = 0.0
         cand = np.flatnonzero(score > 0)

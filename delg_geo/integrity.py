@@ -222,6 +222,11 @@ def verify_index(index_dir: str | Path, progress=None) -> dict:
                 problems.append(f"image {i} ({idx.table.image(i)}): local features: {why}")
             if len(bad) > 20:
                 problems.append(f"... {len(bad) - 20} more images with damaged local features")
+            if idx.asmk is not None:
+                checked.append("inverted file")
+                bad_file = idx.asmk.problem()
+                if bad_file:
+                    problems.append(damaged_message(index_dir, *bad_file))
         except IndexFormatError as e:
             problems.append(str(e))
     out = dict(index=str(index_dir), ok=not problems, files=files, problems=problems, checked=checked)

@@ -293,7 +293,8 @@ def test_every_file_has_a_checksum_and_verify_passes(tiny, capsys):
     assert code == 0 and out.strip().endswith("ok") and "metadata.csv: ok" in out, err
     code, out, _ = run_cli(capsys, "index", "verify", "--index", tiny["index"], "--json")
     rep = json.loads(out)
-    assert code == 0 and rep["ok"] and rep["checked"] == ["sizes", "checksums", "metadata", "global index", "local features"]
+    assert code == 0 and rep["ok"] and rep["checked"] == ["sizes", "checksums", "metadata", "global index", "local features",
+                                                          "inverted file"]
 
 
 def test_edited_coordinate_is_refused(tiny, tmp_path, capsys, small_extractor):
@@ -327,6 +328,26 @@ def test_random_bytes_in_global_vectors(tiny, tmp_path, capsys, with_checksums):
     assert "no candidates" not in err
     code, out, err = run_cli(capsys, "index", "verify", "--index", index)
     assert code == 1 and name in err
+
+
+@pytest.mark.parametrize("with_checksums", [True, False])
+def test_random_bytes_in_the_inverted_file(tiny, tmp_path, capsys, with_checksums):
+    """Image ids beyond the index in asmk_ids.npy: a query refuses the index naming the file (the
+    checksum on open, or the id when a list is read), and `index verify` names it too."""
+    index = copy_index(tiny, tmp_path)
+    name = "asmk_ids.npy"
+    ids = np.load(index / name, mmap_mode="r+")
+    ids[:] = np.random.default_rng(1).integers(2**20, 2**31, len(ids), dtype=np.uint32)
+    ids.flush()
+    del ids
+    if not with_checksums:
+        _edit_manifest(index, lambda d: d.pop("checksums"))
+    code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
+    assert code == 2 and out == "" and "damaged index" in err and name in err, err
+    # without checksums, the id itself gives it away
+    assert ("content does not match its checksum" if with_checksums else "beyond the") in err, err
+    code, out, err = run_cli(capsys, "index", "verify", "--index", index)
+    assert code == 1 and name in err + out
 
 
 def _damage_local(index, image_id: int, what: str) -> None:
