@@ -32,8 +32,10 @@ without local features never verifies).
 The queries then run one at a time (``Geolocator.locate``: extract, search, verify) in a
 separate process for the index without and with the distractors, so that ``peak_rss_gb`` is the
 query process's own. Both runs answer with the same decision rule and confidence: the real
-index's calibration is carried over to the copy (as after ``index add`` without recalibrating). The last line of stdout is one JSON object (``--json``: nothing else on
-stdout; progress goes to stderr). Accuracies are fractions of the queries.
+index's calibration is carried over to the copy (as after ``index add`` without recalibrating).
+Every query's answer is kept in ``OUT/queries-without.csv`` and ``OUT/queries-with.csv``. The
+last line of stdout is one JSON object (``--json``: nothing else on stdout; progress goes to
+stderr). Accuracies are fractions of the queries.
 """
 
 from __future__ import annotations
@@ -294,8 +296,10 @@ def peak_rss_kb() -> int:
 
 
 def run_queries(index: Path, args, label: str) -> dict:
+    local_k = args.top_k if args.local_top_k is None else args.local_top_k
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--index", str(index), "--queries", str(args.queries),
-           "--top-k", str(args.top_k), "--local-top-k", str(args.top_k if args.local_top_k is None else args.local_top_k), "--limit", str(args.limit), "--distractors", "0", "--out", str(args.out)]
+           "--top-k", str(args.top_k), "--local-top-k", str(local_k), "--limit", str(args.limit), "--distractors", "0",
+           "--out", str(args.out)]
     if args.images:
         cmd += ["--images", str(args.images)]
     log(f"[{label}] querying {index} one photo at a time in a separate process")
