@@ -203,6 +203,7 @@ def query_candidates(geo, paths: list[str], positions: list[int], search_k: int,
     inl = np.zeros((n, verify_k + n_extra), np.int32)
     verify_s = np.zeros(n)
     vc = geo.config.verify_config
+    qw = geo.index.whitening.apply(G) if n_extra else None  # as search() whitened them
     for i, f in enumerate(feats):
         t = time.perf_counter()
         if verify_k:
@@ -212,7 +213,7 @@ def query_candidates(geo, paths: list[str], positions: list[int], search_k: int,
             inl[i, : len(c)] = geo.verify_candidates(f, c, q_local)
             if n_extra:  # the inverted file's own candidates (search time, then verification)
                 t_s = time.perf_counter()
-                ex = local_candidates(geo.index, geo.index.whitening.apply(G[i : i + 1]), q_local, n_extra, exclude=c)
+                ex = local_candidates(geo.index, qw[i], q_local, n_extra, exclude=c)
                 dt = time.perf_counter() - t_s
                 search_s[i] += dt
                 t += dt  # counted as search, not verification

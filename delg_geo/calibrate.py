@@ -228,7 +228,7 @@ def collect_self_queries(
             left[row] = len(drop) - 1
             q_kp, q_desc = index.local_features(int(qi))
             q_kp, q_desc = q_kp[: vc.max_features], q_desc[: vc.max_features]
-            cand = shortlist(index, _search_vector(index, int(qi)), q_desc, k, k_local, exclude=drop)
+            cand = shortlist(index, index.global_rows(np.array([qi])), q_desc, k, k_local, exclude=drop)
             c_ids, c_sims = cand.ids, cand.similarities
             q_size = index.image_size(int(qi))
 
@@ -242,14 +242,6 @@ def collect_self_queries(
             bar.update(1)
     bar.close()
     return SelfQueries(qids, ids, sims, inl, left)
-
-
-def _search_vector(index, i: int) -> np.ndarray:
-    """(1, d) float32: photo ``i``'s whitened global descriptor, as the index searches it."""
-    if getattr(index, "global_vectors", None) is not None:  # format 2: stored whitened
-        return np.asarray(index.global_vectors[i : i + 1], np.float32)
-    raw = np.load(index.path / "global_raw.npy", mmap_mode="r")
-    return index.whitening.apply(np.asarray(raw[i : i + 1], np.float32))
 
 
 # -- answers and evidence --------------------------------------------------------------------
