@@ -39,17 +39,24 @@ CODEBOOK = "asmk_codebook.npz"
 
 
 def kmeans(x: np.ndarray, k: int, seed: int, iters: int = 20) -> np.ndarray:
-    """(k, D) centres of FAISS's seeded k-means on ``x`` (k at most the number of points)."""
-    import faiss
-
+    """(k, D) centres of a seeded Lloyd k-means on ``x`` (started from k distinct points; an
+    emptied cluster keeps its centre)."""
     x = np.ascontiguousarray(x, np.float32)
     k = int(max(1, min(k, len(x))))
-    if k == len(x):
-        return x.copy()
-    km = faiss.Kmeans(x.shape[1], k, niter=iters, seed=int(seed), verbose=False,
-                      min_points_per_centroid=1, max_points_per_centroid=1 << 16)
-    km.train(x)
-    return np.asarray(km.centroids, np.float32)
+    rng = np.random.default_rng(seed)
+    c = x[np.sort(rng.choice(len(x), k, replace=False))].copy()
+    for _ in range(iters):
+        a = nearest(x, c)
+        sums = np.zeros_like(c, dtype=np.float64)
+        np.add.at(sums, a, x)
+        n = np.bincount(a, minlength=k)
+        moved = n > 0
+        new = c.copy()
+        new[moved] = (sums[moved] / n[moved, None]).astype(np.float32)
+        if np.allclose(new, c):
+            break
+        c = new
+    return c
 
 
 def nearest(x: np.ndarray, c: np.ndarray, chunk: int = 65536) -> np.ndarray:
