@@ -253,3 +253,28 @@ def test_a_query_verifies_the_inverted_files_candidates_too(tiny_geo):
     assert both.to_dict()["candidates"] == both.candidates  # in the JSON a query prints
     default = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=3, places=False))
     assert default.config.local_top_k == 3  # as many as the global top-k unless told
+
+
+def test_shortlist_recall_tool_counts_where_the_right_photo_ranks(tiny_geo):
+    """tools/shortlist_recall.py on the tiny index: with every photo returned, every right photo
+    is found; recall only grows with k, under every kernel tried."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import shortlist_recall as sr
+
+    assert sr.first_rank(np.array([5, 3, 9]), np.array([9, 3])) == 1
+    assert sr.first_rank(np.array([5, 3]), np.array([7])) == 2
+    geo, _, _ = tiny_geo
+    n = len(geo.index)
+    res = sr.recall(geo.index.path, sample=n, radius_km=2.0, ks=(1, 5, n), kernels=[(3.0, 0.0), (3.0, 0.99)],
+                    top_k=n, local_top_k=0)
+    assert res["images"] == n and 5 <= res["with_a_right_photo"] <= res["sampled"] <= n
+    g = res["recall"]["global"]
+    assert g["top1"] <= g["top5"] <= g[f"top{n}"] == 1.0  # exact search returns every other photo
+    assert res["recall"]["shortlist"]["in_shortlist"] == 1.0  # the shortlist holds every photo
+    own, strict = res["recall"]["asmk a=3 t=0"], res["recall"]["asmk a=3 t=0.99"]
+    assert own["top1"] <= own["top5"] <= own[f"top{n}"]
+    assert strict["top1"] <= strict["top5"] <= strict[f"top{n}"]
+    few = sr.recall(geo.index.path, sample=n, radius_km=2.0, first=8, ks=(n,))
+    assert few["first"] == 8 and few["sampled"] <= 8
+    with pytest.raises(SystemExit):
+        sr.main(["--index", str(geo.index.path), "--kernel", "3"])
