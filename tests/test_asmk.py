@@ -80,7 +80,14 @@ def _brute_scores(cb, images, q, alpha=3.0, tau=0.0):
     return out
 
 
-def test_inverted_file_matches_brute_force_and_finds_the_same_place(tmp_path):
+@pytest.mark.parametrize("batch", [None, 1, 50])
+def test_inverted_file_matches_brute_force_and_finds_the_same_place(tmp_path, monkeypatch, batch):
+    """Whether a search scores its lists one at a time (batch 1: every list alone), a few at a
+    time, or all in one batch (the default here), it gives the brute-force scores."""
+    if batch is not None:
+        import delg_geo.asmk as asmk_module
+
+        monkeypatch.setattr(asmk_module, "BATCH_ENTRIES", batch)
     rng = np.random.default_rng(2)
     centres, x = _clusters(rng, n_centres=60, per=30, dim=16)
     cb = Codebook.fit(x, coarse=8, fine=16, seed=0)
