@@ -285,3 +285,5 @@ def test_shortlist_recall_tool_counts_where_the_right_photo_ranks(tiny_geo):
     assert few["first"] == 8 and few["sampled"] <= 8
     with pytest.raises(SystemExit):
         sr.main(["--index", str(geo.index.path), "--kernel", "3"])
+    with pytest.raises(SystemExit):
+        sr.main(["--index", str(geo.index.path), "--k", "1,ten"])

@@ -55,7 +55,7 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
     import pandas as pd
 
     from delg_geo.asmk import kernel
-    from delg_geo.calibrate import near_duplicates, photo_keys, pinned_geotags, sample_ids
+    from delg_geo.calibrate import near_duplicates, photo_keys, pinned_geotags, query_settings, sample_ids
     from delg_geo.geo import haversine_km
     from delg_geo.index import GeoIndex
     from delg_geo.search import shortlist
@@ -67,6 +67,7 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
     lats, lons = index.lats[:n].astype(np.float64), index.lons[:n].astype(np.float64)
     keys = photo_keys(meta)
     qids = sample_ids(n, sample, seed, ~pinned_geotags(lats, lons, keys))
+    max_features = query_settings(index)[0].max_features  # what a query and calibration match with
     asmk = index.asmk
     own = (asmk.alpha, asmk.tau) if asmk is not None else None
     kernels = [tuple(k) for k in kernels] or ([own] if own else [])
@@ -90,7 +91,7 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
         sims, ids = index.search_whitened(qw.astype(np.float32), min(k_max + len(drop), n_all))
         g = ids[0][(ids[0] >= 0) & ~np.isin(ids[0], drop)][:k_max]
         ranks["global"].append(first_rank(g, right))
-        q_desc = index.local_features(int(qi))[1][:500] if asmk is not None else None
+        q_desc = index.local_features(int(qi))[1][:max_features] if asmk is not None else None
         for a, t in kernels:
             asmk.table = kernel(h, a, t)
             try:
@@ -127,8 +128,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--local-top-k", type=int, default=None, help="the shortlist's ASMK candidates (default: as many)")
     ap.add_argument("--json", action="store_true", help="only the JSON object on stdout")
     args = ap.parse_args(argv)
-    ks = tuple(int(k) for k in args.k.split(","))
-    if not ks or min(ks) < 1:
+    try:
+        ks = tuple(int(k) for k in args.k.split(","))
+    except ValueError:
+        ap.error(f"--k {args.k!r}: ranks separated by commas, such as 1,10,100")
+    if min(ks) < 1:
         ap.error("--k: ranks from 1 up, such as 1,10,100")
     if args.sample < 1 or args.radius_km <= 0:
         ap.error("--sample must be at least 1 and --radius-km positive")
