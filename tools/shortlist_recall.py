@@ -54,11 +54,11 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
            progress: bool = False) -> dict:
     import pandas as pd
 
-    from delg_geo.asmk import kernel
+    from delg_geo.asmk import InvertedFile
     from delg_geo.calibrate import near_duplicates, photo_keys, pinned_geotags, query_settings, sample_ids
     from delg_geo.geo import haversine_km
     from delg_geo.index import GeoIndex
-    from delg_geo.search import shortlist
+    from delg_geo.search import local_candidates, shortlist
 
     index = GeoIndex(index_dir, device="cpu")
     n_all = len(index)
@@ -77,8 +77,8 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
     local_k = int(top_k if local_top_k is None else local_top_k) if asmk is not None else 0
     names = ["global"] + [f"asmk a={a:g} t={t:g}" for a, t in kernels] + (["shortlist"] if asmk is not None else [])
     ranks = {m: [] for m in names}
-    h = 1.0 - 2.0 * np.arange(asmk.codebook.dim + 1) / asmk.codebook.dim if asmk is not None else None
-    own_table = asmk.table if asmk is not None else None
+    # one inverted file per kernel tried (the same arrays, another alpha and tau): the index's own is left as it is
+    tried = {(a, t): InvertedFile(index.path, n_all, {**index.manifest.asmk, "alpha": a, "tau": t}) for a, t in kernels}
     t0 = time.perf_counter()
     from tqdm import tqdm
 
@@ -88,21 +88,16 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
         if len(right) == 0:
             continue
         qw = index.global_rows(np.array([qi]))
-        sims, ids = index.search_whitened(qw.astype(np.float32), min(k_max + len(drop), n_all))
-        g = ids[0][(ids[0] >= 0) & ~np.isin(ids[0], drop)][:k_max]
-        ranks["global"].append(first_rank(g, right))
+        g = shortlist(index, qw, None, max(k_max, top_k), 0, exclude=drop).ids  # the global search, once
+        ranks["global"].append(first_rank(g[:k_max], right))
         q_desc = index.local_features(int(qi))[1][:max_features] if asmk is not None else None
-        for a, t in kernels:
-            asmk.table = kernel(h, a, t)
-            try:
-                a_ids, _ = asmk.search(q_desc, k_max, exclude=drop)
-            finally:
-                asmk.table = own_table
+        for (a, t), inv in tried.items():
+            a_ids, _ = inv.search(q_desc, k_max, exclude=drop)
             ranks[f"asmk a={a:g} t={t:g}"].append(first_rank(a_ids, right))
-        if asmk is not None:
-            cand = shortlist(index, qw, q_desc, top_k, local_k, exclude=drop)
-            r = first_rank(cand.ids, right)
-            ranks["shortlist"].append(0 if r < len(cand.ids) else k_max)  # in it or not: it is verified whole
+        if asmk is not None:  # what a query verifies: shortlist() over the global top-k found above
+            extra = local_candidates(index, qw, q_desc, local_k, np.concatenate([drop, g[:top_k]])).ids
+            hit = np.isin(np.concatenate([g[:top_k], extra]), right).any()
+            ranks["shortlist"].append(0 if hit else k_max)  # in it or not: it is verified whole
     counted = len(ranks["global"])
     out = dict(index=str(index_dir), images=n_all, sampled=int(len(qids)), with_a_right_photo=counted,
                radius_km=radius_km, first=n, seed=seed, top_k=top_k, local_top_k=local_k,
