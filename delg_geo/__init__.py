@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 def quiet_tensorflow_logs() -> None:
     """Silence TensorFlow's C++ start-up lines (``I0000 ... cudart_stub``, oneDNN notices); see
-    :mod:`delg_geo._quiet`. Runs on import of the package, before TensorFlow is imported."""
-    from ._quiet import install
+    :mod:`delg_geo.core._quiet`. Runs on import of the package, before TensorFlow is imported."""
+    from delg_geo.core._quiet import install
 
     install()
 
@@ -20,15 +20,15 @@ __all__ = ["__version__", "Features", "Geolocator", "Prediction", "get_extractor
 
 def __getattr__(name: str):  # lazy, so `import delg_geo` does not import TensorFlow
     if name == "Features":
-        from .features import Features
+        from delg_geo.features.base import Features
 
         return Features
     if name in ("Geolocator", "Prediction"):
-        from . import locate
+        from delg_geo.retrieval import locate
 
         return getattr(locate, name)
     if name == "get_extractor":
-        from .models import get_extractor
+        from delg_geo.features.models import get_extractor
 
         return get_extractor
     raise AttributeError(name)

@@ -7,7 +7,7 @@ memory stays bounded by one part plus the training samples, whatever the collect
 
 1. **Train** on a sample (``CompactOptions.train_images`` images, ``train_local`` local
    descriptors, drawn from parts in a seeded random order): PCA whitening of the global descriptor
-   to ``global_dim``, and the local codec (``delg_geo.store``). With ``base`` (an existing compact
+   to ``global_dim``, and the local codec (``delg_geo.index.store``). With ``base`` (an existing compact
    index) nothing is refitted: its whitening and codec encode the new parts.
 2. **Write** every part: global vectors as float16, keypoints as uint16, local codes, metadata,
    appended to ``.npy`` files in ``INDEX_DIR/.staging``.
@@ -30,8 +30,9 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from delg_geo.errors import DelgGeoError, IndexFormatError
-from delg_geo.index import (
+from delg_geo.core.errors import DelgGeoError, IndexFormatError
+from index_builder.npy_appender import NpyAppender
+from delg_geo.index.geo_index import (
     DEFAULT_EXACT_LIMIT,
     FORMAT_VERSION,
     MANIFEST,
@@ -44,8 +45,8 @@ from delg_geo.index import (
     read_manifest,
     write_atomic,
 )
-from delg_geo.store import LocalCodec, encode_keypoints, fit_local_codec, keypoint_unit
-from delg_geo.whitening import Whitening, fit_pca_whitening
+from delg_geo.index.store import LocalCodec, encode_keypoints, fit_local_codec, keypoint_unit
+from delg_geo.index.whitening import Whitening, fit_pca_whitening
 
 STAGING = ".staging"
 BUILDING = ".building"
@@ -73,7 +74,7 @@ class CompactOptions:
     pq_m: int | None = None
     max_local: int = 500  # local features kept per image (the highest-attention ones)
     keep_raw: bool = False  # also store the model's float32 global descriptors
-    asmk: bool = True  # an ASMK inverted file over the local features (delg_geo/asmk.py)
+    asmk: bool = True  # an ASMK inverted file over the local features (delg_geo/index/asmk.py)
     asmk_words: int | None = None  # codebook size; None: sized to the collection (asmk_words_for)
     asmk_coarse: int = 256  # the codebook's coarse cells (its words are split among them)
     asmk_train: int = 2_000_000  # at most this many local descriptors to fit the codebook on
@@ -152,38 +153,6 @@ def best_feature_rows(counts: np.ndarray, scores: np.ndarray | None, max_local: 
 PartLoader = Callable[[], Part]
 
 
-class NpyAppender:
-    """A ``.npy`` file that grows by chunks; the header's row count is written at ``close``."""
-
-    HEADER = 128
-
-    def __init__(self, path: Path, dtype, width: int | None):
-        self.path, self.dtype, self.width, self.rows = path, np.dtype(dtype), width, 0
-        self.f = open(path, "wb")
-        self.f.write(b"\0" * self.HEADER)
-
-    def append(self, x: np.ndarray) -> None:
-        x = np.ascontiguousarray(x, self.dtype)
-        if x.shape[1:] != ((self.width,) if self.width else ()):
-            raise ValueError(f"{self.path.name}: rows of shape {x.shape[1:]}, expected {self.width}")
-        self.f.write(x.tobytes())
-        self.rows += len(x)
-
-    def close(self) -> None:
-        shape = (self.rows, self.width) if self.width else (self.rows,)
-        d = repr({"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape})
-        head = b"\x93NUMPY\x01\x00"
-        body = d.encode("latin1")
-        pad = self.HEADER - len(head) - 2 - len(body) - 1
-        if pad < 0:
-            raise ValueError("npy header too long")
-        self.f.seek(0)
-        self.f.write(head + (self.HEADER - len(head) - 2).to_bytes(2, "little") + body + b" " * pad + b"\n")
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
-
-
 def _sample(loaders: Sequence[PartLoader], opts: CompactOptions, log) -> tuple[np.ndarray | None, np.ndarray | None]:
     """Global raw descriptors and local descriptors from a seeded random subset of parts, put
     together in index order (so a build cut into other parts, as Ray cuts it, trains the same)."""
@@ -236,7 +205,7 @@ def assemble_index(
     stored features. ``expected_images`` (the whole index's size, where the caller knows it)
     sizes a new codebook; ``codebook`` imposes one (``tools/bench_scale.py``).
     """
-    from delg_geo.integrity import file_checksum
+    from delg_geo.index.integrity import file_checksum
 
     import faiss
 
@@ -292,7 +261,7 @@ def assemble_index(
     out_raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if opts.keep_raw else None
     counts_all, metas = [], []
     n_new = 0
-    from .inverted_file import InvertedFileWriter
+    from index_builder.inverted_file import InvertedFileWriter
 
     asmk = InvertedFileWriter(staging, codebook) if codebook is not None else None
 
@@ -436,7 +405,7 @@ def asmk_sample_size(words: int, opts: CompactOptions) -> int:
 
 def fit_codebook(sample: np.ndarray, words: int, opts: CompactOptions, log=print):
     """A codebook of about ``words`` words (fewer when ``sample`` is small) in ``asmk_coarse`` cells."""
-    from delg_geo.asmk import Codebook
+    from delg_geo.index.asmk import Codebook
 
     t = time.perf_counter()
     fine = -(-int(words) // opts.asmk_coarse)
@@ -448,7 +417,7 @@ def fit_codebook(sample: np.ndarray, words: int, opts: CompactOptions, log=print
 
 def _base_codebook(base: Path, base_m, codec, opts: CompactOptions, log, n_images: int | None = None):
     """The base index's codebook (its words stay the same), or one fitted on its stored features."""
-    from delg_geo.asmk import CODEBOOK, Codebook
+    from delg_geo.index.asmk import CODEBOOK, Codebook
 
     if base_m.asmk and (base / CODEBOOK).is_file():
         return Codebook.load(base / CODEBOOK)

@@ -9,7 +9,6 @@ moved into place, and ``manifest.json`` is written last: without it an index nev
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import shutil
 import time
@@ -19,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from delg_geo.errors import DelgGeoError, IndexFormatError
-from delg_geo.extract import iter_extract
-from delg_geo.integrity import check_metadata, damaged_message, file_problem
-from delg_geo.index import MANIFEST, now_iso, read_manifest, write_atomic
+from delg_geo.core.errors import DelgGeoError, IndexFormatError
+from delg_geo.features.extract import iter_extract
+from delg_geo.index.integrity import check_metadata, damaged_message, file_problem
+from delg_geo.index.geo_index import MANIFEST, now_iso, read_manifest, write_atomic
+from index_builder.parts import _load_parts, _select, _write_part  # noqa: F401 (_write_part: public here too)
 from index_builder.assemble import (
     BUILDING,
     STAGING,
@@ -31,7 +31,6 @@ from index_builder.assemble import (
     Part,
     _kill_point,
     assemble_index,
-    best_feature_rows,
     legacy_loaders,
     swap_staging,
 )
@@ -52,7 +51,7 @@ class BuildOptions:
         return replace(self.compact, index_type=self.index_type)
     # confidence = probability of being within this radius; None: 0.1 km, or what the index had
     confidence_radius_km: float | None = None
-    # fit the confidence on the collection once the index is written (delg_geo.calibrate);
+    # fit the confidence on the collection once the index is written (delg_geo.retrieval.calibrate);
     # None: when the index holds at least calibrate.MIN_IMAGES photos
     calibrate: bool | None = None
     calibrate_sample: int = 1000
@@ -126,82 +125,6 @@ def _empty_building(index_dir: Path) -> bool:
     return not any((b / "parts").glob("part-*.npz")) and not (b / "failed.jsonl").exists()
 
 
-def _load_parts(index_dir: Path, extractor=None, log=None, max_local: int | None = None) -> list[dict]:
-    """The checkpoints of an interrupted run, as ``{"path", "keys"}`` (their arrays are read again,
-    one at a time, when the index is assembled). A damaged one, one written by another model
-    (its fingerprint, or for old checkpoints its dimensions, differ), or one that kept fewer local
-    features per image than ``max_local`` is removed: its images are extracted again."""
-    parts_dir = index_dir / BUILDING / "parts"
-    parts = []
-    for p in sorted(parts_dir.glob("part-*.npz")):
-        why = None
-        try:
-            with np.load(p, allow_pickle=False) as z:
-                part = {k: z[k] for k in z.files}
-            n = len(part["keys"])
-            if not (len(part["global_raw"]) == n == len(part["counts"]) == len(part["sizes"])
-                    and int(part["counts"].sum()) == len(part["keypoints"]) == len(part["descriptors"])):
-                why = "inconsistent arrays"
-            elif extractor is not None:
-                fp = str(part["model_fingerprint"]) if "model_fingerprint" in part else ""
-                if (fp and fp != extractor.fingerprint) or part["global_raw"].shape[1] != extractor.global_dim:
-                    why = "written by another model"
-            kept = int(part["max_local"]) if "max_local" in part else 0
-            if why is None and max_local and 0 < kept < max_local:
-                why = f"kept {kept} local features per image, this build keeps {max_local}"
-        except Exception as e:  # noqa: BLE001 - a damaged checkpoint is re-extracted
-            why = f"unreadable ({type(e).__name__})"
-        if why:
-            if log is not None:
-                log(f"checkpoint {p.name}: {why}; its images are extracted again")
-            p.unlink(missing_ok=True)
-            continue
-        parts.append(dict(path=p, keys=part["keys"]))
-    return parts
-
-
-def _write_part(index_dir: Path, number: int, rows: list[dict], extractor=None, max_local: int | None = None) -> None:
-    """Checkpoint ``rows`` as part ``number``, atomically. With ``max_local``, only the local
-    features the index will keep (the best ``max_local`` of each image) are written: half the
-    bytes of a checkpoint at the default 500 of 1000."""
-    parts_dir = index_dir / BUILDING / "parts"
-    parts_dir.mkdir(parents=True, exist_ok=True)
-    feats = [r["features"] for r in rows]
-    counts = np.array([f.num_local for f in feats], np.int64)
-    scores = np.concatenate([f.scores for f in feats]).astype(np.float16)
-    keep = best_feature_rows(counts, scores, max_local) if max_local else np.arange(len(scores))
-    if max_local:
-        counts = np.minimum(counts, max_local)
-    arrays = dict(
-        keys=np.array([r["key"] for r in rows]),
-        global_raw=np.stack([f.global_descriptor for f in feats]).astype(np.float32),
-        counts=counts,
-        keypoints=np.concatenate([f.keypoints for f in feats]).astype(np.float32)[keep],
-        descriptors=np.concatenate([f.local_descriptors for f in feats]).astype(np.float16)[keep],
-        scores=scores[keep],
-        sizes=np.array([f.image_size for f in feats], np.int64),
-        model_fingerprint=np.array(getattr(extractor, "fingerprint", "")),
-        max_local=np.array(int(max_local or 0)),  # 0: every feature kept
-    )
-    final = parts_dir / f"part-{number:05d}.npz"
-    tmp = parts_dir / f".part-{number:05d}.tmp.npz"
-    np.savez(tmp, **arrays)
-    _kill_point("part-tmp")
-    os.replace(tmp, final)
-    _kill_point("part")
-
-
-def _select(part: dict, keep: np.ndarray) -> dict:
-    """The images of a checkpoint where ``keep`` is true (features follow their images)."""
-    feat_keep = np.repeat(keep, part["counts"])
-    out = dict(part)
-    for k in ("keys", "global_raw", "counts", "sizes"):
-        out[k] = part[k][keep]
-    for k in ("keypoints", "descriptors", "scores"):
-        out[k] = part[k][feat_keep]
-    return out
-
-
 def _read_failed(failed_file: Path, log) -> dict:
     """Images an interrupted run could not use, by key. Damaged lines (a kill mid-write) are
     ignored: those images are simply tried again."""
@@ -225,11 +148,11 @@ def _read_failed(failed_file: Path, log) -> dict:
 
 def _default_local(index_dir: Path, model: str | None, continuing: bool, log=print) -> str:
     """``--local`` when not given: what the index (or the interrupted build) being continued holds,
-    else the default for ``model`` (:func:`delg_geo.models.local_features.default_local`), or
+    else the default for ``model`` (:func:`delg_geo.features.models.local_features.default_local`), or
     ``delg`` with a note when that default's weights are not installed (a build that asked for
     nothing keeps working; ``--local aliked-n16`` itself refuses with how to get them)."""
-    from delg_geo.models.local_features import default_local
-    from delg_geo.models.local_weights import find_weights
+    from delg_geo.features.models.local_features import default_local
+    from delg_geo.features.models.local_weights import find_weights
 
     if continuing:
         if (index_dir / MANIFEST).exists():
@@ -338,7 +261,7 @@ def build_index(
     )
 
     if extractor is None:
-        from delg_geo.models import get_extractor
+        from delg_geo.features.models import get_extractor
 
         extractor = get_extractor(model, local=local if local is not None else _default_local(index_dir, model, add or resume, log))
     existing = _existing_index(index_dir) if has_manifest else None
@@ -481,7 +404,7 @@ def build_index(
               allow_outside, log=log)
     radius = opts.confidence_radius_km or old_radius
     if radius:  # the radius the confidence is about: as asked, else as the index had it
-        from delg_geo.calibrate import set_confidence_radius
+        from delg_geo.retrieval.calibrate import set_confidence_radius
 
         set_confidence_radius(index_dir, radius)
     m = read_manifest(index_dir)
@@ -495,7 +418,7 @@ def build_index(
 def _calibrate(index_dir: Path, n: int, opts: BuildOptions, log) -> dict | None:
     """The optional last stage: fit the confidence on the finished index's own photos. The index
     is whole without it, so a failure is reported, not raised."""
-    from delg_geo.calibrate import MIN_IMAGES, calibrate_index
+    from delg_geo.retrieval.calibrate import MIN_IMAGES, calibrate_index
 
     if opts.calibrate is False or (opts.calibrate is None and n < MIN_IMAGES):
         if opts.calibrate is None:
@@ -575,7 +498,7 @@ def _finalize(index_dir, images_dir, extractor, parts, by_key, existing, skipped
 
 def _model_path(extractor, old) -> str:
     """The SavedModel folder of a ``--model PATH`` model (not for the default), kept on ``add``."""
-    from delg_geo.models import DEFAULT_MODEL
+    from delg_geo.features.models import DEFAULT_MODEL
 
     p = getattr(extractor, "path", None)
     if p and extractor.model_id != DEFAULT_MODEL:

@@ -1,4 +1,4 @@
-"""Writes an index's ASMK inverted file (the format: ``delg_geo/asmk.py``).
+"""Writes an index's ASMK inverted file (the format: ``delg_geo/index/asmk.py``).
 
 Entries (image, word, signature) stream in, in image order, part by part as the assembly reads
 them; each goes to one of 64 word-range bucket files in ``asmk.tmp/``. ``finish`` then sorts one
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from delg_geo.asmk import CODEBOOK, Codebook, aggregate
+from delg_geo.index.asmk import CODEBOOK, Codebook, aggregate
 
-from .assemble import NpyAppender
+from index_builder.npy_appender import NpyAppender
 
 
 class InvertedFileWriter:

@@ -14,7 +14,7 @@ share that code. Here only the middle differs:
 * **Failures.** An image that cannot be read, or every image of a shard whose worker failed
   (after Ray's retry), is listed in ``.building/failed.jsonl`` with the reason, and so in the
   index's ``skipped.csv`` and manifest; never dropped.
-* **The cluster** (:mod:`delg_geo.ray_pool`): without an address a local Ray cluster starts on
+* **The cluster** (:mod:`delg_geo.core.ray_pool`): without an address a local Ray cluster starts on
   this machine and stops at the end; with one (``--ray-address HOST:PORT``), the build connects.
 """
 
@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from delg_geo.errors import DelgGeoError
-from delg_geo.ray_pool import RayOptions, check_shared, plan_workers, ray_session, run_shards, shard_runs, start_actors
+from delg_geo.core.errors import DelgGeoError
+from delg_geo.core.ray_pool import RayOptions, check_shared, plan_workers, ray_session, run_shards, shard_runs, start_actors
 
 __all__ = ["RayOptions", "ModelSpec", "ExtractWorker", "extract_on_ray"]
 
@@ -41,7 +41,7 @@ class ModelSpec:
 
     @classmethod
     def of(cls, model: str | None, extractor) -> "ModelSpec":
-        from delg_geo.models import DEFAULT_MODEL
+        from delg_geo.features.models import DEFAULT_MODEL
 
         config = getattr(extractor, "config", None)
         local = getattr(extractor, "local_features", "delg")
@@ -56,8 +56,8 @@ class ExtractWorker:
 
     def __init__(self, spec: ModelSpec, fingerprint: str, batch_size: int, threads: int):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        from delg_geo.models import get_extractor
-        from delg_geo.runtime import configure_for_throughput
+        from delg_geo.features.models import get_extractor
+        from delg_geo.core.runtime import configure_for_throughput
 
         configure_for_throughput()
         self.extractor = get_extractor(spec.name, **spec.options)
@@ -77,8 +77,8 @@ class ExtractWorker:
 
     def extract_shard(self, index_dir: str, number: int, items: list[tuple[str, str]], max_local: int | None = None) -> dict:
         """Extract ``items`` ((key, path) pairs) and write them as part ``number``."""
-        from delg_geo.extract import iter_extract
-        from index_builder.build import _write_part
+        from delg_geo.features.extract import iter_extract
+        from index_builder.parts import _write_part
 
         t0 = time.perf_counter()
         rows, failures = [], []

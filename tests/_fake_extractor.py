@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from delg_geo.features import Features, l2_normalize
+from delg_geo.features.base import Features, l2_normalize
 
 
 class FakeExtractor:

@@ -31,9 +31,9 @@ def tiny_index(tmp_root: Path):
         if "geo" not in _cache:
             import pandas as pd
 
-            from delg_geo.index import GeoIndex
-            from delg_geo.locate import Geolocator
-            from delg_geo.models.lite_delg import LiteDelgExtractor
+            from delg_geo.index.geo_index import GeoIndex
+            from delg_geo.retrieval.locate import Geolocator
+            from delg_geo.features.models.lite_delg import LiteDelgExtractor
             from index_builder.build import BuildOptions, build_index
 
             ref = pd.read_csv(venice / "reference.csv")

@@ -35,6 +35,6 @@ def _isolated_home(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def lite_extractor():
-    from delg_geo.models import get_extractor
+    from delg_geo.features.models import get_extractor
 
     return get_extractor("efficientnet-lite0")

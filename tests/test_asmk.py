@@ -1,4 +1,4 @@
-"""The ASMK inverted file (delg_geo/asmk.py): codebook, aggregation, the bucketed build, search,
+"""The ASMK inverted file (delg_geo/index/asmk.py): codebook, aggregation, the bucketed build, search,
 and what the index, the shortlist and the scale benchmark do with it."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delg_geo.asmk import Codebook, InvertedFile, aggregate, kernel, similarity
+from delg_geo.index.asmk import Codebook, InvertedFile, aggregate, kernel, similarity
 from index_builder.inverted_file import InvertedFileWriter
 
 from _tiny_index import tiny_geo  # noqa: F401  (session fixture; skips without ../shared)
@@ -85,7 +85,7 @@ def test_inverted_file_matches_brute_force_and_finds_the_same_place(tmp_path, mo
     """Whether a search scores its lists one at a time (batch 1: every list alone), a few at a
     time, or all in one batch (the default here), it gives the brute-force scores."""
     if batch is not None:
-        import delg_geo.asmk as asmk_module
+        import delg_geo.index.asmk as asmk_module
 
         monkeypatch.setattr(asmk_module, "BATCH_ENTRIES", batch)
     rng = np.random.default_rng(2)
@@ -123,7 +123,7 @@ def test_inverted_file_matches_brute_force_and_finds_the_same_place(tmp_path, mo
 
 
 def test_inverted_file_refuses_mismatched_arrays(tmp_path):
-    from delg_geo.errors import IndexFormatError
+    from delg_geo.core.errors import IndexFormatError
 
     rng = np.random.default_rng(3)
     _, x = _clusters(rng, n_centres=10, per=20, dim=8)
@@ -136,7 +136,7 @@ def test_inverted_file_refuses_mismatched_arrays(tmp_path):
 
 
 def test_tiny_index_has_an_inverted_file_and_the_shortlist_adds_its_candidates(tiny_geo):
-    from delg_geo.search import shortlist
+    from delg_geo.retrieval.search import shortlist
 
     index = tiny_geo[0].index
     m = index.manifest
@@ -158,7 +158,7 @@ def test_tiny_index_has_an_inverted_file_and_the_shortlist_adds_its_candidates(t
 def test_index_compact_adds_the_inverted_file_and_index_add_keeps_the_bases_choice(tmp_path):
     import shutil
 
-    from delg_geo.index import GeoIndex, read_manifest
+    from delg_geo.index.geo_index import GeoIndex, read_manifest
     from index_builder.assemble import CompactOptions, ModelInfo, assemble_index, compact_index
 
     from _fake_extractor import FakeExtractor
@@ -250,7 +250,7 @@ def test_codebook_grows_with_the_collection():
 
 
 def test_a_query_verifies_the_inverted_files_candidates_too(tiny_geo):
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
 
     geo, ref, venice = tiny_geo
     photo = venice / ref.image[4]

@@ -53,7 +53,7 @@ def test_distractor_model_matches_the_index(tmp_path):
     counts = np.diff(geo.index.offsets)
     assert set(np.unique(p.counts)) <= set(np.unique(counts)) and len(p.keypoints) == p.counts.sum()
     assert p.local_codes.dtype == gen.codec.code_dtype and p.local_codes.shape == (p.counts.sum(), gen.codec.code_width)
-    from delg_geo.geo import haversine_km
+    from delg_geo.core.geo import haversine_km
 
     d = haversine_km(p.metadata.lat.to_numpy(), p.metadata.lon.to_numpy(), 45.437, 12.335)
     assert (d > 50).mean() > 0.95 and p.metadata.lat.between(-90, 90).all() and p.metadata.lon.between(-180, 180).all()

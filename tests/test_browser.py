@@ -48,7 +48,7 @@ def _free_port() -> int:
 def server(tiny_geo):
     import uvicorn
 
-    from delg_geo.serve import create_app
+    from delg_geo.apps.serve import create_app
 
     geo, _, _ = tiny_geo
     port = _free_port()
@@ -92,7 +92,7 @@ def _console_errors(drv) -> list[str]:
 
 
 def test_upload_shows_marker_and_place(server, browser, tiny_geo, tmp_path):
-    from delg_geo.places import nearest_place
+    from delg_geo.core.places import nearest_place
 
     geo, ref, venice = tiny_geo
     i = 7

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delg_geo.calibrate import (
+from delg_geo.retrieval.calibrate import (
     Calibration,
     LeaveOut,
     SelfQueries,
@@ -18,9 +18,9 @@ from delg_geo.calibrate import (
     near_duplicates,
     photo_keys,
 )
-from delg_geo.decision import EVIDENCE, DecisionRule, decide_candidates, evidence_at
-from delg_geo.monotone import IsotonicMap, fit_isotonic, fit_logistic
-from delg_geo.reliability import calibration_bins, expected_calibration_error, precision_coverage, reliability_report
+from delg_geo.retrieval.decision import EVIDENCE, DecisionRule, decide_candidates, evidence_at
+from delg_geo.retrieval.monotone import IsotonicMap, fit_isotonic, fit_logistic
+from delg_geo.retrieval.reliability import calibration_bins, expected_calibration_error, precision_coverage, reliability_report
 
 
 def test_isotonic_recovers_a_known_rate():

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import s2sphere
 
-from delg_geo.cells import Partition, build_partition, default_thresholds, leaf_cell_ids
-from delg_geo.classifier import CellClassifier, default_smoothing_km, smoothed_targets, train_classifier
-from delg_geo.geo import haversine_km
-from delg_geo.knn import knn_vote
+from delg_geo.evaluation.cells import Partition, build_partition, default_thresholds, leaf_cell_ids
+from delg_geo.evaluation.classifier import CellClassifier, default_smoothing_km, smoothed_targets, train_classifier
+from delg_geo.core.geo import haversine_km
+from delg_geo.retrieval.knn import knn_vote
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -310,7 +310,7 @@ def test_knn_vote_edge_cases():
 def test_knn_vote_two_scales_for_a_world_collection():
     """A world index votes at 25 km: the fine vote then picks the best spot inside the winning
     city instead of the city's weighted centre, and leaves the region choice alone."""
-    from delg_geo.knn import fine_scale, vote_scales
+    from delg_geo.retrieval.knn import fine_scale, vote_scales
 
     # Venice: a strong pair at one square, three single photos across the city; plus two photos
     # in Paris that together outweigh any single Venice spot but not Venice as a whole.

@@ -12,7 +12,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).parent))
 from _fake_extractor import FakeExtractor, fake_collection  # noqa: E402
 
-from delg_geo.features import Features  # noqa: E402
+from delg_geo.features.base import Features  # noqa: E402
 
 
 class ShuffledScores(FakeExtractor):
@@ -26,7 +26,7 @@ class ShuffledScores(FakeExtractor):
 
 
 def test_checkpoint_keeps_the_best_features_and_is_redone_when_it_kept_too_few(tmp_path):
-    from delg_geo.images import load_image
+    from delg_geo.features.images import load_image
     from index_builder.build import _load_parts, _write_part
 
     images, _ = fake_collection(tmp_path, [f"{k}.png" for k in range(6)])
@@ -53,8 +53,8 @@ def test_checkpoint_keeps_the_best_features_and_is_redone_when_it_kept_too_few(t
 
 
 def test_index_from_trimmed_checkpoints_holds_the_best_features(tmp_path):
-    from delg_geo.images import load_image
-    from delg_geo.index import GeoIndex
+    from delg_geo.features.images import load_image
+    from delg_geo.index.geo_index import GeoIndex
     from index_builder.assemble import CompactOptions
     from index_builder.build import BuildOptions, build_index
 

@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delg_geo.errors import IndexFormatError
-from delg_geo.features import l2_normalize
-from delg_geo.index import GeoIndex, read_manifest
-from delg_geo.store import LocalCodec, decode_keypoints, encode_keypoints, fit_local_codec, keypoint_unit
+from delg_geo.core.errors import IndexFormatError
+from delg_geo.features.base import l2_normalize
+from delg_geo.index.geo_index import GeoIndex, read_manifest
+from delg_geo.index.store import LocalCodec, decode_keypoints, encode_keypoints, fit_local_codec, keypoint_unit
 from index_builder.assemble import CompactOptions, ModelInfo, NpyAppender, Part, assemble_index, compact_index
 
 
@@ -105,7 +105,7 @@ def test_assembly_exact_then_ivfpq_and_add(tmp_path):
     np.testing.assert_allclose(kp, np.rint(p0.keypoints[keep]), atol=1e-6)
     assert desc.shape == (len(keep), 16)
     # exact search finds an image from its own raw descriptor
-    from delg_geo.search import search
+    from delg_geo.retrieval.search import search
 
     assert search(idx, parts[3].global_raw[7], 5)[0].ids[0] == 307
 
@@ -131,7 +131,7 @@ def _legacy_index(path, rng, n=120, gdim=64, ldim=40, feats=30):
     """A format-1 index as delg-geo wrote it before the compact store."""
     import faiss
 
-    from delg_geo.whitening import fit_pca_whitening
+    from delg_geo.index.whitening import fit_pca_whitening
 
     path.mkdir()
     g = l2_normalize(rng.normal(size=(n, gdim)), axis=1).astype(np.float32)
@@ -162,7 +162,7 @@ def _legacy_index(path, rng, n=120, gdim=64, ldim=40, feats=30):
 
 
 def test_format_1_is_read_and_converted(tmp_path):
-    from delg_geo.search import search
+    from delg_geo.retrieval.search import search
 
     rng = np.random.default_rng(3)
     g = _legacy_index(tmp_path / "old", rng)

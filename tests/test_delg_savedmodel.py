@@ -27,12 +27,12 @@ from _delg_export import (  # noqa: E402
     export_wrong_signature,
 )
 
-from delg_geo.config import models_dir  # noqa: E402
-from delg_geo.errors import ModelError  # noqa: E402
-from delg_geo.images import LoadedImage, load_image  # noqa: E402
-from delg_geo.models import get_extractor, registry  # noqa: E402
-from delg_geo.models import fetch  # noqa: E402
-from delg_geo.models.delg_savedmodel import DelgSavedModelExtractor  # noqa: E402
+from delg_geo.core.config import models_dir  # noqa: E402
+from delg_geo.core.errors import ModelError  # noqa: E402
+from delg_geo.features.images import LoadedImage, load_image  # noqa: E402
+from delg_geo.features.models import get_extractor, registry  # noqa: E402
+from delg_geo.features.models import fetch  # noqa: E402
+from delg_geo.features.models.delg_savedmodel import DelgSavedModelExtractor  # noqa: E402
 
 # A black 800x600 image with a white 128x128 square; the tiny model's attention is brightness.
 W, H = 800, 600
@@ -418,7 +418,7 @@ def test_get_extractor_from_folder(exported):
 def test_cli_model(home, exported):
     from typer.testing import CliRunner
 
-    from delg_geo.cli_model import app
+    from delg_geo.apps.cli_model import app
 
     runner = CliRunner()
     r = runner.invoke(app, ["list", "--json"])

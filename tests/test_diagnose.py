@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from delg_geo.diagnose import BenchCandidates, breakdown, correct_mask, cross_validate_rule, recall_at_k
-from delg_geo.errors import DelgGeoError
-from delg_geo.locate import vote_verified
+from delg_geo.evaluation.diagnose import BenchCandidates, breakdown, correct_mask, cross_validate_rule, recall_at_k
+from delg_geo.core.errors import DelgGeoError
+from delg_geo.retrieval.locate import vote_verified
 
 M = 1 / 111.32  # degrees of latitude per km, near enough for these tests
 

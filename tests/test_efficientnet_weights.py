@@ -6,9 +6,9 @@ import pytest
 from PIL import Image
 
 from conftest import shared_path
-from delg_geo.images import load_image
-from delg_geo.models.efficientnet_lite import build_backbone, convert_state_dict, weights_source_path
-from delg_geo.models.torch_legacy import load_legacy_state_dict
+from delg_geo.features.images import load_image
+from delg_geo.features.models.efficientnet_lite import build_backbone, convert_state_dict, weights_source_path
+from delg_geo.features.models.torch_legacy import load_legacy_state_dict
 
 # Standard ILSVRC-2012 class indices of classes a Venice building photo should trigger.
 ARCHITECTURE = {
@@ -82,7 +82,7 @@ def test_refuses_pickled_code(tmp_path):
     import pickle
     import struct
 
-    from delg_geo.models.torch_legacy import LEGACY_MAGIC
+    from delg_geo.features.models.torch_legacy import LEGACY_MAGIC
 
     p = tmp_path / "evil.pth"
     with open(p, "wb") as f:

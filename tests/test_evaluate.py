@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delg_geo.errors import MetadataError
-from delg_geo.evaluate import (
+from delg_geo.core.errors import MetadataError
+from delg_geo.evaluation.metrics import (
     DEFAULT_RADII_KM,
     IM2GPS_RADII_KM,
     MethodSummary,
@@ -21,7 +21,7 @@ from delg_geo.evaluate import (
     read_published_results,
     summarize,
 )
-from delg_geo.geo import EARTH_RADIUS_KM, haversine_km, valid_latlon, weighted_centroid
+from delg_geo.core.geo import EARTH_RADIUS_KM, haversine_km, valid_latlon, weighted_centroid
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RESULTS = DATA / "im2gps_meta" / "results"

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from PIL.TiffImagePlugin import IFDRational
 
-from delg_geo.errors import ImageLoadError
-from delg_geo.exif import _text, read_exif_gps, read_exif_gps_reason
+from delg_geo.core.errors import ImageLoadError
+from delg_geo.features.exif import _text, read_exif_gps, read_exif_gps_reason
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 EXIF_DIR = DATA / "exif_gps"

@@ -30,7 +30,7 @@ SCALES = (0.7071, 1.0, 1.4142)
 
 @pytest.fixture(scope="session")
 def small_extractor():
-    from delg_geo.models.lite_delg import LiteDelgExtractor
+    from delg_geo.features.models.lite_delg import LiteDelgExtractor
 
     return LiteDelgExtractor(scales=SCALES)
 
@@ -47,7 +47,7 @@ def make_collection(root: Path, n: int = 3) -> tuple[Path, Path]:
     rows = []
     for p in lund(n):
         shutil.copy(p, images / p.name)
-        from delg_geo.exif import read_exif_gps
+        from delg_geo.features.exif import read_exif_gps
 
         lat, lon = read_exif_gps(p)
         rows.append(dict(image=p.name, lat=lat, lon=lon))
@@ -67,7 +67,7 @@ def build(images, index, csv=None, extractor=None, **kw):
 
 def run_cli(capsys, *args: str) -> tuple[int, str, str]:
     """``delg-geo ARGS`` in this process, through ``main()`` (as the installed script runs it)."""
-    from delg_geo.cli import main
+    from delg_geo.apps.cli import main
 
     capsys.readouterr()
     old = sys.argv
@@ -100,8 +100,8 @@ def copy_index(tiny, tmp_path) -> Path:
 
 
 def answers(index_dir, image, extractor) -> tuple[float, float, int]:
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
 
     geo = Geolocator(GeoIndex(index_dir), extractor, LocateConfig(top_k=3, places=False))
     p = geo.locate(image)
@@ -149,9 +149,9 @@ def test_symlinks_escaping_the_images_folder_are_skipped(tmp_path, small_extract
 def test_served_thumbnails_refuse_symlinks_swapped_in_later(tiny, tmp_path, small_extractor):
     from fastapi.testclient import TestClient
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.serve import create_app
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.apps.serve import create_app
 
     root = tmp_path / "c"
     images, csv = make_collection(root, 2)
@@ -178,7 +178,7 @@ def _evil_pickle(marker: Path) -> bytes:
 
 @pytest.mark.parametrize("position", ["magic", "protocol", "sys_info", "state", "keys"])
 def test_crafted_pth_runs_no_code(tmp_path, position):
-    from delg_geo.models.torch_legacy import LEGACY_MAGIC, load_legacy_state_dict
+    from delg_geo.features.models.torch_legacy import LEGACY_MAGIC, load_legacy_state_dict
 
     marker = tmp_path / "pwned"
     parts = {"magic": LEGACY_MAGIC, "protocol": 1001, "sys_info": {"little_endian": True}, "state": {}, "keys": []}
@@ -225,7 +225,7 @@ def _interrupted(tmp_path, small_extractor, monkeypatch) -> tuple[Path, Path, Pa
 
 @pytest.mark.parametrize("damage", ["failed.jsonl", "state.json"])
 def test_resume_with_damaged_build_files(tmp_path, small_extractor, damage, monkeypatch):
-    from delg_geo.index import GeoIndex
+    from delg_geo.index.geo_index import GeoIndex
 
     images, csv, index = _interrupted(tmp_path, small_extractor, monkeypatch)
     target = index / ".building" / damage
@@ -283,7 +283,7 @@ def _edit_manifest(index, fn) -> None:
 
 
 def test_every_file_has_a_checksum_and_verify_passes(tiny, capsys):
-    from delg_geo.integrity import file_checksum
+    from delg_geo.index.integrity import file_checksum
 
     m = _manifest(tiny["index"])
     assert set(m["checksums"]) == set(m["files"]) >= {"metadata.csv", "global.npy", "local_codes.npy", "skipped.csv"}
@@ -367,9 +367,9 @@ def _damage_local(index, image_id: int, what: str) -> None:
 
 @pytest.mark.parametrize("what", ["desc_zero", "kp_huge"])
 def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extractor, monkeypatch, capsys, what):
-    import delg_geo.integrity as integrity
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
+    import delg_geo.index.integrity as integrity
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
 
     index = copy_index(tiny, tmp_path)
     query = lund(2)[1]  # 02.jpg is image 1 of the index: its own best match
@@ -393,7 +393,7 @@ def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extracto
 
 
 def test_add_refuses_a_damaged_index(tiny, tmp_path, small_extractor):
-    from delg_geo.errors import IndexFormatError
+    from delg_geo.core.errors import IndexFormatError
 
     index = copy_index(tiny, tmp_path)
     _damage_local(index, 0, "desc_zero")
@@ -431,15 +431,15 @@ def _killed_build(point: str, images: Path, index: Path, csv: Path, add: bool = 
 
 def _whole_or_absent(index: Path, n_ok: set[int]) -> None:
     """Never a half-written index that looks whole: a manifest means an index that opens."""
-    from delg_geo.index import GeoIndex
+    from delg_geo.index.geo_index import GeoIndex
 
     if (index / "manifest.json").exists():
         assert len(GeoIndex(index, device="cpu")) in n_ok
 
 
 def _recovered(index: Path, n: int, rep) -> None:
-    from delg_geo.index import GeoIndex
-    from delg_geo.integrity import verify_index
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.index.check import verify_index
 
     assert rep.num_images == n
     assert not (index / ".building").exists() and not (index / ".staging").exists()
@@ -453,7 +453,7 @@ def _recovered(index: Path, n: int, rep) -> None:
 
 @pytest.mark.parametrize("point", BUILD_POINTS)
 def test_killed_build_recovers(tmp_path, point):
-    from delg_geo.errors import DelgGeoError
+    from delg_geo.core.errors import DelgGeoError
 
     sys.path.insert(0, str(REPO / "tests"))
     from _fake_extractor import FakeExtractor
@@ -496,7 +496,7 @@ def test_killed_add_recovers(tmp_path, point):
 
 
 def test_failed_build_on_bad_metadata_leaves_nothing(tmp_path, small_extractor):
-    from delg_geo.errors import MetadataError
+    from delg_geo.core.errors import MetadataError
 
     images, csv = make_collection(tmp_path, 2)
     bad = tmp_path / "bad.csv"
@@ -521,7 +521,7 @@ def _heic_from(jpg: Path, out: Path, side: int = 320) -> Path:
     """A HEIC made (with pillow-heif) from a real photo, downsized, with its EXIF (GPS included)."""
     from PIL import Image
 
-    import delg_geo.images  # noqa: F401 - registers the HEIF plugin
+    import delg_geo.features.images  # noqa: F401 - registers the HEIF plugin
 
     img = Image.open(jpg)
     exif = img.info["exif"]
@@ -531,8 +531,8 @@ def _heic_from(jpg: Path, out: Path, side: int = 320) -> Path:
 
 
 def test_heic_is_read_with_its_gps(tmp_path):
-    from delg_geo.exif import read_exif_gps
-    from delg_geo.images import load_image
+    from delg_geo.features.exif import read_exif_gps
+    from delg_geo.features.images import load_image
 
     src = lund(2)[1]
     heic = _heic_from(src, tmp_path / "IMG_0001.HEIC")
@@ -579,15 +579,15 @@ def test_from_exif_lists_every_file_it_cannot_use(tmp_path, small_extractor):
 def test_top_k_below_one_is_a_usage_error(tiny, capsys, k):
     code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", tiny["index"], "--top-k", k)
     assert code == 2 and out == "" and "Invalid value for '--top-k'" in _flat(err) and "greater than or equal to 1" in _flat(err)
-    from delg_geo.locate import LocateConfig
+    from delg_geo.retrieval.locate import LocateConfig
 
     with pytest.raises(ValueError, match="top_k must be at least 1"):
         LocateConfig(top_k=int(k))
 
 
 def test_empty_and_unsupported_files_are_named(tiny, tmp_path, capsys):
-    from delg_geo.errors import ImageLoadError
-    from delg_geo.images import load_image
+    from delg_geo.core.errors import ImageLoadError
+    from delg_geo.features.images import load_image
 
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
@@ -609,7 +609,7 @@ def test_empty_and_unsupported_files_are_named(tiny, tmp_path, capsys):
 
 
 def test_heic_without_the_plugin_is_named(tmp_path, monkeypatch):
-    import delg_geo.images as images
+    import delg_geo.features.images as images
 
     monkeypatch.setattr(images, "HEIF_SUPPORTED", False)
     assert images._unidentified_reason(b"\x00\x00\x00\x1cftypheic\x00\x00\x00\x00") == (
@@ -619,8 +619,8 @@ def test_heic_without_the_plugin_is_named(tmp_path, monkeypatch):
 def test_one_pixel_cap_one_message(tmp_path):
     from PIL import Image
 
-    from delg_geo.errors import ImageLoadError
-    from delg_geo.images import DEFAULT_MAX_PIXELS, load_image
+    from delg_geo.core.errors import ImageLoadError
+    from delg_geo.features.images import DEFAULT_MAX_PIXELS, load_image
 
     assert Image.MAX_IMAGE_PIXELS == DEFAULT_MAX_PIXELS == 100_000_000
     msgs = []
@@ -639,9 +639,9 @@ def test_index_built_with_a_model_folder_records_it(tmp_path):
     sys.path.insert(0, str(REPO / "tests"))
     from _delg_export import export_tiny_delg
 
-    from delg_geo.errors import ModelError
-    from delg_geo.locate import Geolocator
-    from delg_geo.models import get_extractor
+    from delg_geo.core.errors import ModelError
+    from delg_geo.retrieval.locate import Geolocator
+    from delg_geo.features.models import get_extractor
 
     model_dir = export_tiny_delg(tmp_path / "my_delg")
     images, csv = fake_collection(tmp_path, ["a.png", "b.png"])
@@ -663,7 +663,7 @@ def test_query_prints_no_tensorflow_lines_and_names_the_place(tiny, tmp_path):
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TF_", "ABSL", "GRPC"))}
     env["PYTHONPATH"] = str(REPO)
-    r = subprocess.run([sys.executable, "-m", "delg_geo.cli", "query", str(lund(1)[0]), "--index", str(tiny["index"]),
+    r = subprocess.run([sys.executable, "-m", "delg_geo.apps.cli", "query", str(lund(1)[0]), "--index", str(tiny["index"]),
                         "--top-k", "3"], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     for noise in ("I0000", "E0000", "W0000", "oneDNN", "cudart", "cuInit", "absl::InitializeLog", "cpu_feature_guard"):
@@ -683,9 +683,9 @@ def test_full_queue_answers_503_with_retry_after(tiny, small_extractor):
 
     from fastapi.testclient import TestClient
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.serve import ServeConfig, create_app
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.apps.serve import ServeConfig, create_app
 
     class Gated:
         """The extractor, held at a gate so that one request stays inside."""
@@ -724,9 +724,9 @@ def test_server_refuses_too_small_and_empty_uploads(tiny, small_extractor):
     from fastapi.testclient import TestClient
     from PIL import Image
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.serve import create_app
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.apps.serve import create_app
 
     geo = Geolocator(GeoIndex(tiny["index"]), small_extractor, LocateConfig(top_k=3, places=False))
     client = TestClient(create_app(geo, preload_places=False))
@@ -759,8 +759,8 @@ def test_server_memory_stays_flat_over_rounds(tiny, tmp_path):
 
 def test_local_feature_guard_catches_every_kind_of_damage():
     """The damage the issue found in a float16 store (format 1), on the arrays local_features returns."""
-    from delg_geo.features import l2_normalize
-    from delg_geo.integrity import local_features_problem
+    from delg_geo.features.base import l2_normalize
+    from delg_geo.index.integrity import local_features_problem
 
     rng = np.random.default_rng(0)
     kp = (rng.uniform(0, 1, (500, 2)) * [400, 300]).astype(np.float32)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from delg_geo.errors import ImageLoadError
-from delg_geo.images import load_image
+from delg_geo.core.errors import ImageLoadError
+from delg_geo.features.images import load_image
 
 
 def _save(img, path, **kw):

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 
 from conftest import shared_path
-from delg_geo.errors import DelgGeoError, IndexFormatError
-from delg_geo.geo import haversine_km
-from delg_geo.index import GeoIndex, read_manifest
+from delg_geo.core.errors import DelgGeoError, IndexFormatError
+from delg_geo.core.geo import haversine_km
+from delg_geo.index.geo_index import GeoIndex, read_manifest
 
 N_REF = 150
 N_QUERY = 15
@@ -98,14 +98,14 @@ def test_build_writes_a_complete_index(built):
 
 
 def test_verification_beats_global_on_real_queries(built, lite_extractor):
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
 
     geo = Geolocator.from_index(built["index_dir"], config=LocateConfig(top_k=50))
     glob = Geolocator(geo.index, geo.extractor, LocateConfig(top_k=50, verify=False))
     q = built["queries"]
     paths = [str(built["venice"] / p) for p in q.image]
     preds_v = list(geo.locate_many(paths))
-    preds_g = [glob.locate_features(geo.extractor.extract(__import__("delg_geo.images", fromlist=["x"]).load_image(p, max_side=1024)), p) for p in paths]
+    preds_g = [glob.locate_features(geo.extractor.extract(__import__("delg_geo.features.images", fromlist=["x"]).load_image(p, max_side=1024)), p) for p in paths]
     ev = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_v]), np.array([p.lon for p in preds_v])) * 1000
     eg = haversine_km(q.lat.values, q.lon.values, np.array([p.lat for p in preds_g]), np.array([p.lon for p in preds_g])) * 1000
     print("within 100 m: verified", int((ev <= 100).sum()), "global", int((eg <= 100).sum()),
@@ -161,8 +161,8 @@ def test_resume_after_interrupt(built, tmp_path, lite_extractor):
 
 
 def test_model_mismatch_is_refused(built):
-    from delg_geo.locate import Geolocator
-    from delg_geo.models.lite_delg import LiteDelgExtractor
+    from delg_geo.retrieval.locate import Geolocator
+    from delg_geo.features.models.lite_delg import LiteDelgExtractor
 
     other = LiteDelgExtractor(gem_p=2.0)  # another fingerprint
     idx = GeoIndex(built["index_dir"])
@@ -218,7 +218,7 @@ def test_add_and_skip_bad_rows(built, tmp_path, lite_extractor):
 
 
 def test_bench_report_on_real_queries(built, tmp_path):
-    from delg_geo.bench import BenchConfig, run_bench
+    from delg_geo.evaluation.bench import BenchConfig, run_bench
 
     q = built["queries"].copy()
     qcsv = tmp_path / "queries.csv"
@@ -284,13 +284,16 @@ def test_bench_report_on_real_queries(built, tmp_path):
     assert set(cal["precision_at"]) == set(cal["coverage_at"]) == {"0.5", "0.8"}
     assert "Calibration of `verified`" in md_text and "uncalibrated score" in md_text
     assert "![reliability](reliability.png)" in md_text and (out / "reliability.png").stat().st_size > 5000
-    assert (built["index_dir"] / "classifier" / "classifier.json").exists()
+    # a bench only reads the index: its caches (classifier, SIFT features) go under --out
+    assert (out / "classifier" / "classifier.json").exists() and (out / "sift_cache").is_dir()
+    assert not (built["index_dir"] / "classifier").exists() and not (built["index_dir"] / "sift_cache").exists()
+    np.testing.assert_allclose(v.great_circle_distance_km, v.great_circle_distance)
 
 
 def test_cli_query_json_and_map(built, tmp_path):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
+    from delg_geo.apps.cli import app
 
     q = built["queries"]
     img = str(built["venice"] / q.image.iloc[0])
@@ -317,7 +320,7 @@ def test_cli_query_json_and_map(built, tmp_path):
 def test_cli_extract_json(tmp_path):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
+    from delg_geo.apps.cli import app
 
     lund = shared_path("exif_gps", "lund")
     res = CliRunner().invoke(app, ["extract", str(lund / "01.jpg"), "--json"])
@@ -329,16 +332,16 @@ def test_cli_extract_json(tmp_path):
 
 def test_calibration_on_real_photos(built, tmp_path, lite_extractor):
     """Fit the confidence on the subset's own photos, then use it on the real queries."""
-    from delg_geo.calibrate import CALIBRATION_FILE, Calibration, pinned_geotags, photo_keys
-    from delg_geo.decision import EVIDENCE, EVIDENCE_SIGNS
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.retrieval.calibrate import CALIBRATION_FILE, Calibration, pinned_geotags, photo_keys
+    from delg_geo.retrieval.decision import EVIDENCE, EVIDENCE_SIGNS
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
 
     index_dir = tmp_path / "venice"
     shutil.copytree(built["index_dir"], index_dir)
     idx = GeoIndex(index_dir)
     eligible = int((~pinned_geotags(idx.lats, idx.lons, photo_keys(idx.metadata))).sum())
     assert 60 <= eligible < N_REF  # the subset holds photos sharing a pinned position, which are not sampled
-    cal = __import__("delg_geo.calibrate", fromlist=["x"]).calibrate_index(index_dir, sample=N_REF, top_k=30)
+    cal = __import__("delg_geo.retrieval.calibrate", fromlist=["x"]).calibrate_index(index_dir, sample=N_REF, top_k=30)
     s = cal.stats
     assert s["sample"] == eligible and 0.1 < s["accuracy"] < 0.95
     m = read_manifest(index_dir)
@@ -382,7 +385,7 @@ def test_calibration_on_real_photos(built, tmp_path, lite_extractor):
 def test_cli_calibrate_json_and_sentence(built, tmp_path):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
+    from delg_geo.apps.cli import app
 
     index_dir = tmp_path / "venice"
     shutil.copytree(built["index_dir"], index_dir)
@@ -410,9 +413,9 @@ def test_cli_calibrate_json_and_sentence(built, tmp_path):
 def test_cli_build_records_the_confidence_radius(built, tmp_path):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
+    from delg_geo.apps.cli import app
 
-    from delg_geo.models.local_weights import find_weights
+    from delg_geo.features.models.local_weights import find_weights
 
     if find_weights("aliked-n16") is None:
         pytest.skip("the aliked-n16 weights (the default --local) are not installed (`delg-geo model fetch-weights`)")
@@ -432,7 +435,7 @@ def test_cli_build_records_the_confidence_radius(built, tmp_path):
     # keeps per image, like the self-queries the calibration fits the vote on
     assert m.local_features == "aliked-n16" and m.local["max_features"] == 500
     assert m.local_config == {"top_k": 1024, "max_side": 1024, "upscale": True}
-    from delg_geo.locate import Geolocator
+    from delg_geo.retrieval.locate import Geolocator
 
     geo = Geolocator.from_index(tmp_path / "idx", places=False)
     assert geo.extractor.local_features == "aliked-n16"
@@ -446,8 +449,8 @@ def test_cli_build_sets_the_local_store(built, tmp_path):
     """--local-codec/--local-dim/--max-local reach the compact store and its manifest."""
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
-    from delg_geo.index import GeoIndex
+    from delg_geo.apps.cli import app
+    from delg_geo.index.geo_index import GeoIndex
 
     small = tmp_path / "small.csv"
     pd.read_csv(built["ref_csv"]).head(6).to_csv(small, index=False)

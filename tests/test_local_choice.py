@@ -18,8 +18,8 @@ N_REF = 16
 def xfeat_index(tmp_path_factory):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
-    from delg_geo.models.local_weights import find_weights
+    from delg_geo.apps.cli import app
+    from delg_geo.features.models.local_weights import find_weights
 
     if find_weights("xfeat") is None:
         pytest.skip("the xfeat weights are not installed (`delg-geo model fetch-weights`)")
@@ -35,8 +35,8 @@ def xfeat_index(tmp_path_factory):
 
 
 def test_manifest_records_the_choice(xfeat_index):
-    from delg_geo.index import GeoIndex
-    from delg_geo.models.local_weights import WEIGHTS
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.features.models.local_weights import WEIGHTS
 
     idx = GeoIndex(xfeat_index["index"])
     m = idx.manifest
@@ -56,8 +56,8 @@ def test_manifest_records_the_choice(xfeat_index):
 
 
 def test_query_verifies_with_xfeat(xfeat_index):
-    from delg_geo.locate import Geolocator
-    from delg_geo.verify import VERIFY_DEFAULTS
+    from delg_geo.retrieval.locate import Geolocator
+    from delg_geo.retrieval.verify import VERIFY_DEFAULTS
 
     geo = Geolocator.from_index(xfeat_index["index"], top_k=5, places=False)
     assert geo.extractor.local_features == "xfeat"
@@ -74,11 +74,11 @@ def test_query_verifies_with_xfeat(xfeat_index):
 def test_other_local_features_are_refused(xfeat_index):
     from typer.testing import CliRunner
 
-    from delg_geo.cli import app
-    from delg_geo.errors import IndexFormatError
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator
-    from delg_geo.models import get_extractor
+    from delg_geo.apps.cli import app
+    from delg_geo.core.errors import IndexFormatError
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator
+    from delg_geo.features.models import get_extractor
 
     idx = GeoIndex(xfeat_index["index"])
     cfg = Geolocator.from_index(xfeat_index["index"], verify=False).extractor.config
@@ -94,7 +94,7 @@ def test_other_local_features_are_refused(xfeat_index):
 
 
 def test_default_local_features_per_model():
-    from delg_geo.models.local_features import DEFAULT_LOCAL, default_local
+    from delg_geo.features.models.local_features import DEFAULT_LOCAL, default_local
 
     assert DEFAULT_LOCAL == "aliked-n16"
     assert default_local(None) == default_local("efficientnet-lite0") == "aliked-n16"
@@ -107,7 +107,7 @@ def test_continuing_keeps_the_index_local_features(xfeat_index, tmp_path):
     holds (an index built before the default changed keeps its delg features)."""
     import shutil
 
-    from delg_geo.models.local_weights import find_weights
+    from delg_geo.features.models.local_weights import find_weights
     from index_builder.build import BuildOptions, _default_local, build_index
 
     new_build = "aliked-n16" if find_weights("aliked-n16") else "delg"  # (delg: see the test below)
@@ -126,7 +126,7 @@ def test_continuing_keeps_the_index_local_features(xfeat_index, tmp_path):
     extra = ref[~ref.image.isin(xfeat_index["ref"].image)].head(2)
     extra.to_csv(tmp_path / "extra.csv", index=False)
     rep = build_index(venice, copy, tmp_path / "extra.csv", add=True, options=BuildOptions(progress=False), log=lambda m: None)
-    from delg_geo.index import read_manifest
+    from delg_geo.index.geo_index import read_manifest
 
     m = read_manifest(copy)
     assert rep.num_images == N_REF + 2 == m.num_images and m.local_features == "xfeat"
@@ -136,9 +136,9 @@ def test_aliked_sees_small_photos_enlarged_and_an_index_keeps_its_settings():
     """ALIKED's default settings enlarge a photo to a longest side of 1024 px (keypoints still in
     the photo's own pixels); an index's manifest settings are used as they are, so an index built
     before that default keeps working with its own."""
-    from delg_geo.images import load_image
-    from delg_geo.models import get_extractor
-    from delg_geo.models.local_weights import find_weights
+    from delg_geo.features.images import load_image
+    from delg_geo.features.models import get_extractor
+    from delg_geo.features.models.local_weights import find_weights
 
     if find_weights("aliked-n16") is None:
         pytest.skip("the aliked-n16 weights are not installed (`delg-geo model fetch-weights`)")
@@ -162,7 +162,7 @@ def test_aliked_sees_small_photos_enlarged_and_an_index_keeps_its_settings():
 
 def test_default_without_its_weights_builds_with_delg(tmp_path, monkeypatch):
     """A build that names no --local keeps working where the ALIKED weights are missing, and says so."""
-    import delg_geo.models.local_weights as lw
+    import delg_geo.features.models.local_weights as lw
     from index_builder.build import _default_local
 
     said = []

@@ -30,8 +30,8 @@ def _load_resized():
 
 
 def _net(name: str):
-    from delg_geo.models.local_features import load_network
-    from delg_geo.models.local_weights import WeightsMissing
+    from delg_geo.features.models.local_features import load_network
+    from delg_geo.features.models.local_weights import WeightsMissing
 
     try:
         return load_network(name)

@@ -15,8 +15,8 @@ from PIL import Image
 pytest.importorskip("xstatic.pkg.leaflet", reason="XStatic-Leaflet is a dependency of delg-geo: pip install -e .")
 
 from _tiny_index import tiny_geo  # noqa: E402,F401  (session fixture)
-from delg_geo import mapview  # noqa: E402
-from delg_geo.explain import draw_explain, explain_prediction  # noqa: E402
+from delg_geo.evaluation import mapview  # noqa: E402
+from delg_geo.apps.explain import draw_explain, explain_prediction  # noqa: E402
 
 CDN = re.compile(r"<(script|link|img)\b[^>]*\b(src|href)\s*=\s*[\"']?(https?:)?//", re.I)
 

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from delg_geo.errors import IndexFormatError
-from delg_geo.metadata_table import MetadataTable
+from delg_geo.core.errors import IndexFormatError
+from delg_geo.index.metadata_table import MetadataTable
 
 
 def _frame(n: int = 50) -> pd.DataFrame:
@@ -68,8 +68,8 @@ def test_a_query_never_loads_the_table_of_names(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from _fake_extractor import FakeExtractor, fake_collection
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import Geolocator, LocateConfig
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
     from index_builder.build import BuildOptions, build_index
 
     # commas in the names: they are quoted in metadata.csv

@@ -12,8 +12,8 @@ import pytest
 
 pytest.importorskip("reverse_geocoder", reason="reverse_geocoder is a dependency of delg-geo: pip install -e .")
 
-from delg_geo import places  # noqa: E402
-from delg_geo.places import Place, add_places, nearest_place, nearest_places  # noqa: E402
+from delg_geo.core import places  # noqa: E402
+from delg_geo.core.places import Place, add_places, nearest_place, nearest_places  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VENICE = (45.4381, 12.3358)  # Piazza San Marco area
@@ -55,7 +55,7 @@ def test_batch_matches_single_and_other_countries():
 def test_nothing_printed_on_stdout_in_a_fresh_process():
     # A fresh interpreter, so the geocoder's table really is loaded here (it prints when verbose).
     code = (
-        "import json; from delg_geo.places import nearest_place; "
+        "import json; from delg_geo.core.places import nearest_place; "
         f"print(json.dumps(nearest_place({VENICE[0]}, {VENICE[1]}).to_dict()))"
     )
     res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import shared_path
-from delg_geo.errors import MetadataError
-from delg_geo.queries import QueryItem, detect_query_format, read_queries
+from delg_geo.core.errors import MetadataError
+from delg_geo.evaluation.queries import QueryItem, detect_query_format, read_queries
 
 
 def _jpg(path: Path) -> Path:

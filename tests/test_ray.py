@@ -45,7 +45,7 @@ def ray_cluster():
 
 @pytest.fixture(scope="module")
 def extractor():
-    from delg_geo.models.lite_delg import LiteDelgExtractor
+    from delg_geo.features.models.lite_delg import LiteDelgExtractor
 
     return LiteDelgExtractor(scales=SCALES)
 
@@ -101,7 +101,7 @@ def _assert_same_index(a: Path, b: Path) -> None:
     """Every file the manifests list, compared by what it holds (whatever the index's layout)."""
     import faiss
 
-    from delg_geo.index import GeoIndex, read_manifest
+    from delg_geo.index.geo_index import GeoIndex, read_manifest
 
     ma, mb = read_manifest(a), read_manifest(b)
     assert (ma.num_images, ma.num_local_features, ma.model_fingerprint, ma.index_type) == (
@@ -166,7 +166,7 @@ _KILLED_BUILD = textwrap.dedent("""
     import sys
     from index_builder.build import BuildOptions, build_index
     from index_builder.ray_build import RayOptions
-    from delg_geo.models.lite_delg import LiteDelgExtractor
+    from delg_geo.features.models.lite_delg import LiteDelgExtractor
     root, out, csv, address = sys.argv[1:5]
     build_index(root, out, csv, extractor=LiteDelgExtractor(scales={scales}),
                 options=BuildOptions(progress=False, part_size=2), ray=RayOptions(address=address, workers=2),
@@ -215,7 +215,7 @@ def test_killed_ray_build_resumes_shard_by_shard(collection, ray_cluster, extrac
 
 def _expected_runs(collection, done, n_failed):
     """Shards the resumed build must have made: the images not in a finished part, in runs of 2."""
-    from delg_geo.ray_pool import shard_runs
+    from delg_geo.core.ray_pool import shard_runs
 
     md = pd.read_csv(collection["csv"])
     keys = [str((collection["root"] / p).resolve()) for p in md.image]
@@ -226,7 +226,7 @@ def _expected_runs(collection, done, n_failed):
 
 
 def test_shard_runs_never_span_a_finished_image():
-    from delg_geo.ray_pool import shard_runs
+    from delg_geo.core.ray_pool import shard_runs
 
     keys = list("abcdefghij")
     assert shard_runs(keys, set(keys), set(), 4) == [list("abcd"), list("efgh"), list("ij")]
@@ -236,7 +236,7 @@ def test_shard_runs_never_span_a_finished_image():
 
 
 def test_worker_plan_from_cluster_resources():
-    from delg_geo.ray_pool import RayOptions, plan_workers
+    from delg_geo.core.ray_pool import RayOptions, plan_workers
 
     p = plan_workers(RayOptions(), {"CPU": 2.0})
     assert (p.workers, p.cpus_per_worker, p.gpus_per_worker, p.threads) == (2, 1.0, 0.0, 1)
@@ -274,8 +274,8 @@ def query_set(collection, tmp_path_factory):
 
 
 def test_ray_bench_equals_single_process_bench(collection, query_set, ray_cluster, tmp_path, request):
-    from delg_geo.bench import BenchConfig, run_bench
-    from delg_geo.ray_pool import RayOptions
+    from delg_geo.evaluation.bench import BenchConfig, run_bench
+    from delg_geo.core.ray_pool import RayOptions
 
     _real_photos_only(request)
 
@@ -306,9 +306,9 @@ def test_ray_bench_equals_single_process_bench(collection, query_set, ray_cluste
 
 
 def test_killed_ray_bench_resumes_its_shards(collection, query_set, ray_cluster, tmp_path, request):
-    from delg_geo.queries import read_queries
-    from delg_geo.ray_bench import SHARDS, query_candidates_on_ray
-    from delg_geo.ray_pool import RayOptions
+    from delg_geo.evaluation.queries import read_queries
+    from delg_geo.evaluation.ray_bench import SHARDS, query_candidates_on_ray
+    from delg_geo.core.ray_pool import RayOptions
 
     _real_photos_only(request)
 
@@ -339,7 +339,7 @@ _DYING_BUILD = textwrap.dedent("""
     import sys
     from index_builder.build import BuildOptions, build_index
     from index_builder.ray_build import RayOptions
-    from delg_geo.models.lite_delg import LiteDelgExtractor
+    from delg_geo.features.models.lite_delg import LiteDelgExtractor
     root, out, csv = sys.argv[1:4]
     build_index(root, out, csv, extractor=LiteDelgExtractor(scales={scales}),
                 options=BuildOptions(progress=False, part_size=8), ray=RayOptions(workers=1, num_cpus=1),

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from delg_geo.rowfile import NpyRows
+from delg_geo.index.rowfile import NpyRows
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
 _RSS = """
 import sys, numpy as np
 sys.path.insert(0, {repo!r})
-from delg_geo.rowfile import NpyRows
+from delg_geo.index.rowfile import NpyRows
 path, how = sys.argv[1], sys.argv[2]
 src = NpyRows(path) if how == "pread" else np.load(path, mmap_mode="r")
 rows = np.random.default_rng(1).integers(0, 100_000, 20_000)

@@ -16,8 +16,8 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx: pip insta
 from fastapi.testclient import TestClient  # noqa: E402
 
 from _tiny_index import tiny_geo  # noqa: E402,F401  (session fixture)
-from delg_geo.geo import haversine_km  # noqa: E402
-from delg_geo.serve import ServeConfig, create_app  # noqa: E402
+from delg_geo.core.geo import haversine_km  # noqa: E402
+from delg_geo.apps.serve import ServeConfig, create_app  # noqa: E402
 
 VENICE = (45.4371, 12.3326)
 
@@ -192,7 +192,7 @@ def test_openapi_documents_the_api(client):
 
 
 def test_page_and_assets_are_served_locally(client):
-    from delg_geo.mapview import leaflet_js
+    from delg_geo.evaluation.mapview import leaflet_js
 
     page = client.get("/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]

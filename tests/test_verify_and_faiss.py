@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from delg_geo.images import load_image
-from delg_geo.verify import VerifyConfig, mutual_matches, verify_pair
+from delg_geo.features.images import load_image
+from delg_geo.retrieval.verify import VerifyConfig, mutual_matches, verify_pair
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_mutual_matches_on_known_pairs():
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq"])
 def test_faiss_index_types_find_the_true_neighbours(kind):
-    from delg_geo.index import build_faiss, choose_index_type, search_refined
+    from delg_geo.index.geo_index import build_faiss, choose_index_type, search_refined
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(5000, 64)).astype(np.float32)
@@ -80,7 +80,7 @@ def test_gpu_and_cpu_give_the_same_neighbours():
     """Runs where FAISS sees a GPU; elsewhere it checks the CPU path is what `to_device` returns."""
     import faiss
 
-    from delg_geo.index import build_faiss, to_device
+    from delg_geo.index.geo_index import build_faiss, to_device
 
     rng = np.random.default_rng(2)
     x = rng.normal(size=(2000, 32)).astype(np.float32)
@@ -99,7 +99,7 @@ def test_gpu_and_cpu_give_the_same_neighbours():
 def test_ivfpq_probes_enough_lists_for_weak_matches():
     """Whitened descriptors are nearly isotropic and a right photo is only weakly similar: the
     default probes half the lists, which finds what exact search finds where 32 probes did not."""
-    from delg_geo.index import build_faiss, faiss_params, search_refined
+    from delg_geo.index.geo_index import build_faiss, faiss_params, search_refined
 
     rng = np.random.default_rng(1)
     n, d = 20000, 64

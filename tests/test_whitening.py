@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from delg_geo.features import l2_normalize
-from delg_geo.whitening import Whitening, fit_pca_whitening
+from delg_geo.features.base import l2_normalize
+from delg_geo.index.whitening import Whitening, fit_pca_whitening
 
 
 def _data(n=300, d=32, seed=0):

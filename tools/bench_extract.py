@@ -35,15 +35,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--default-threads", action="store_true", help="keep TensorFlow's default threading")
     args = ap.parse_args(argv)
     if not args.default_threads:
-        from delg_geo.runtime import configure_for_throughput
+        from delg_geo.core.runtime import configure_for_throughput
 
         configure_for_throughput()
 
     import tensorflow as tf
 
-    from delg_geo.extract import iter_extract
-    from delg_geo.images import load_image
-    from delg_geo.models import get_extractor
+    from delg_geo.features.extract import iter_extract
+    from delg_geo.features.images import load_image
+    from delg_geo.features.models import get_extractor
 
     ref = pd.read_csv(args.data / "reference.csv")
     paths = [str(args.data / p) for p in ref.image.iloc[: args.n]]

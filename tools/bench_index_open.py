@@ -37,8 +37,8 @@ def _ms(fn, repeat: int) -> float:
 def measure(index_dir: Path, repeat: int = 3) -> dict:
     import pandas as pd
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.integrity import check_metadata, faiss_problem, file_problem
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.index.integrity import check_metadata, faiss_problem, file_problem
 
     idx = GeoIndex(index_dir, device="cpu")  # warms the page cache
     m = idx.manifest
@@ -57,7 +57,7 @@ def measure(index_dir: Path, repeat: int = 3) -> dict:
     ids = np.linspace(0, len(idx) - 1, min(100, len(idx))).astype(int)
     feats = [idx.local_features(int(i)) for i in ids]
     out["candidate_guard_100_ms"] = _ms(lambda: [idx.candidate_problem(int(i), *f) for i, f in zip(ids, feats)], repeat)
-    from delg_geo.verify import VerifyConfig, verify_pair
+    from delg_geo.retrieval.verify import VerifyConfig, verify_pair
 
     vc = VerifyConfig()
     q = feats[len(feats) // 2]
@@ -74,9 +74,9 @@ def synthesize(n: int, out: Path, dim: int = 64, per_image: int = 8, seed: int =
     import faiss
     import pandas as pd
 
-    from delg_geo.index import Manifest, now_iso, write_atomic
-    from delg_geo.integrity import file_checksum
-    from delg_geo.whitening import Whitening
+    from delg_geo.index.geo_index import Manifest, now_iso, write_atomic
+    from delg_geo.index.integrity import file_checksum
+    from delg_geo.index.whitening import Whitening
 
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)

@@ -50,10 +50,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=0)
     args = ap.parse_args(argv)
 
-    from delg_geo.geo import haversine_km
-    from delg_geo.images import load_image
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.queries import read_queries
+    from delg_geo.core.geo import haversine_km
+    from delg_geo.features.images import load_image
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.evaluation.queries import read_queries
 
     items, skipped = read_queries(args.queries, args.images)
     if args.limit:

@@ -38,7 +38,7 @@ def subset_csv(venice: Path, n: int, out: Path) -> Path:
 
 
 def run_mode(mode: str, venice: Path, csv: Path, out: Path, extractor) -> dict:
-    from delg_geo.ray_pool import RayOptions
+    from delg_geo.core.ray_pool import RayOptions
     from index_builder.build import BuildOptions, build_index
 
     index_dir = out / f"index-{mode}"
@@ -64,8 +64,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
-    from delg_geo.models import get_extractor
-    from delg_geo.runtime import configure_for_throughput
+    from delg_geo.features.models import get_extractor
+    from delg_geo.core.runtime import configure_for_throughput
 
     configure_for_throughput()  # as `delg-geo index build` does
     extractor = get_extractor()

@@ -141,7 +141,7 @@ class Distractors:
 
     def __init__(self, index_dir: Path, cells: pd.DataFrame, n: int, chunk: int, seed: int, local: bool,
                  pool: int = 4_000_000, model: str = "look-alike", codebook=None):
-        from delg_geo.store import LocalCodec, decode_keypoints, keypoint_unit
+        from delg_geo.index.store import LocalCodec, decode_keypoints, keypoint_unit
 
         if model not in DISTRACTOR_MODELS:
             raise SystemExit(f"--distractor-model {model!r}: use one of {', '.join(DISTRACTOR_MODELS)}")
@@ -153,7 +153,7 @@ class Distractors:
         if model == "elsewhere":  # a rotation of the mixture per group of S2 cells: other places
             self.rotations = np.stack([random_rotation(g.shape[1], 1000 + i) for i in range(16)])
             md_ll = pd.read_csv(index_dir / "metadata.csv", usecols=["lat", "lon"])
-            from delg_geo.geo import haversine_km, weighted_centroid
+            from delg_geo.core.geo import haversine_km, weighted_centroid
 
             self.home = weighted_centroid(md_ll.lat.to_numpy(np.float64), md_ll.lon.to_numpy(np.float64))
             spread = haversine_km(md_ll.lat.to_numpy(), md_ll.lon.to_numpy(), *self.home)
@@ -168,7 +168,7 @@ class Distractors:
                                     for a in range(0, pool, 500_000)]) if pool else None
         self.codebook = None
         if self.pool is not None and (codebook is not None or (index_dir / "asmk_codebook.npz").is_file()):
-            from delg_geo.asmk import Codebook
+            from delg_geo.index.asmk import Codebook
 
             self.codebook = cb = codebook if codebook is not None else Codebook.load(index_dir / "asmk_codebook.npz")
             words, sigs = [], []
@@ -223,7 +223,7 @@ class Distractors:
                                width=sizes[:, 0], height=sizes[:, 1]))
         g = _sample(rng, self.global_mix, n)
         if self.model == "elsewhere":
-            from delg_geo.geo import haversine_km
+            from delg_geo.core.geo import haversine_km
 
             away = haversine_km(lat, lon, *self.home) > self.home_km
             group = cell_idx % len(self.rotations)
@@ -237,7 +237,7 @@ class Distractors:
     def asmk_entries(self, drawn: np.ndarray, counts: np.ndarray):
         """(image, word, signature) of the images whose codes are ``self.pool[drawn]``: a word
         met once keeps its code's signature; codes sharing a word are aggregated as a build does."""
-        from delg_geo.asmk import aggregate
+        from delg_geo.index.asmk import aggregate
 
         cb = self.codebook
         img = np.repeat(np.arange(len(counts)), counts)
@@ -259,9 +259,9 @@ class Distractors:
 
 def query_worker(index: Path, queries: Path, images: Path | None, top_k: int, limit: int, local_top_k: int | None = None) -> dict:
     """Runs in its own process: every query one at a time, then this process's peak RSS."""
-    from delg_geo.geo import haversine_km
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.queries import read_queries
+    from delg_geo.core.geo import haversine_km
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.evaluation.queries import read_queries
 
     items, skipped = read_queries(queries, images)
     if not items:
@@ -333,8 +333,8 @@ def summarise(d: dict, n_real: int, radius_km: float = 0.1) -> dict:
 def carry_calibration(base: Path, target: Path) -> bool:
     """Give the copy with distractors the real index's calibration (rule and confidence map), so
     that both runs answer the same way; False when the real index has none in date."""
-    from delg_geo.calibrate import load_index_calibration, write_calibration
-    from delg_geo.index import GeoIndex
+    from delg_geo.retrieval.calibrate import load_index_calibration, write_calibration
+    from delg_geo.index.geo_index import GeoIndex
 
     cal = load_index_calibration(GeoIndex(base, device="cpu", check_files=False))
     if cal is None:
@@ -344,7 +344,7 @@ def carry_calibration(base: Path, target: Path) -> bool:
 
 
 def index_bytes(index: Path) -> int:
-    from delg_geo.index import MANIFEST, read_manifest
+    from delg_geo.index.geo_index import MANIFEST, read_manifest
 
     m = read_manifest(index)
     return sum(m.files.values()) + (index / MANIFEST).stat().st_size
@@ -381,7 +381,7 @@ def main(argv=None) -> dict:
         print(json.dumps(query_worker(args.index, args.queries, args.images, args.top_k, args.limit, args.local_top_k)))
         return {}
 
-    from delg_geo.index import read_manifest
+    from delg_geo.index.geo_index import read_manifest
     from index_builder.assemble import CompactOptions, ModelInfo, assemble_index, compact_index
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -410,7 +410,7 @@ def main(argv=None) -> dict:
     cells = read_cells(args.cells)
     codebook = None
     if local and m.asmk:  # the codebook a build of this many images would fit, on the real photos' features
-        from delg_geo.store import LocalCodec
+        from delg_geo.index.store import LocalCodec
         from index_builder.assemble import asmk_sample_size, asmk_words_for, fit_codebook, stored_feature_sample
 
         o = CompactOptions(seed=args.seed)

@@ -102,9 +102,9 @@ def _big_jpeg(photo: Path, side: int = 6000) -> bytes:
 def _start_server(index_dir: Path, port: int, max_concurrent: int, model: str | None, max_queue: int = 8):
     import uvicorn
 
-    from delg_geo import serve
-    from delg_geo.locate import Geolocator
-    from delg_geo.serve import ServeConfig, create_app, warm_up
+    from delg_geo.apps import serve
+    from delg_geo.retrieval.locate import Geolocator
+    from delg_geo.apps.serve import ServeConfig, create_app, warm_up
 
     t0 = time.perf_counter()
     if hasattr(serve, "bound_memory"):  # as `delg-geo serve` does (older versions had none)

@@ -47,8 +47,8 @@ GLOBALS = [None, 256, 128]  # None: today's (all components, float32)
 
 
 def cache_queries(queries, images, cache: Path, extractor):
-    from delg_geo.extract import iter_extract
-    from delg_geo.queries import read_queries
+    from delg_geo.features.extract import iter_extract
+    from delg_geo.evaluation.queries import read_queries
 
     items, _ = read_queries(queries, images)
     feats = [None] * len(items)
@@ -68,7 +68,7 @@ def codec_bytes(codec) -> int:
 
 
 def accuracy(pred_lat, pred_lon, lat, lon, km=0.1):
-    from delg_geo.geo import haversine_km
+    from delg_geo.core.geo import haversine_km
 
     return haversine_km(pred_lat, pred_lon, lat, lon) <= km
 
@@ -131,15 +131,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--limit", type=int, default=0, help="only the first N queries (a smoke test)")
     args = ap.parse_args(argv)
 
-    from delg_geo.index import GeoIndex
-    from delg_geo.locate import VOTE_BASE_DEFAULTS, Geolocator, LocateConfig
-    from delg_geo.store import fit_local_codec
-    from delg_geo.verify import VERIFY_DEFAULTS, verify_pair
-    from delg_geo.whitening import fit_pca_whitening
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.locate import VOTE_BASE_DEFAULTS, Geolocator, LocateConfig
+    from delg_geo.index.store import fit_local_codec
+    from delg_geo.retrieval.verify import VERIFY_DEFAULTS, verify_pair
+    from delg_geo.index.whitening import fit_pca_whitening
 
     index = GeoIndex(args.index, device="cpu")
     if not args.cache.exists():
-        from delg_geo.models import get_extractor
+        from delg_geo.features.models import get_extractor
 
         cache_queries(args.queries, args.images, args.cache, get_extractor(index.manifest.model_id))
     q = dict(np.load(args.cache, allow_pickle=False))
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     vc = cfg.verify_config
     geo = Geolocator.__new__(Geolocator)  # only the decision rule is used: no extractor needed
     geo.index, geo.config = index, cfg
-    from delg_geo.knn import default_sigma_km
+    from delg_geo.retrieval.knn import default_sigma_km
 
     geo.knn_sigma_km = default_sigma_km(index.lats, index.lons)
 

@@ -42,10 +42,10 @@ def _extract(args) -> None:
 
     from tqdm import tqdm
 
-    from delg_geo.errors import DelgGeoError
-    from delg_geo.images import load_image
-    from delg_geo.models.local_features import load_local_for_cache
-    from delg_geo.queries import read_queries
+    from delg_geo.core.errors import DelgGeoError
+    from delg_geo.features.images import load_image
+    from delg_geo.features.models.local_features import load_local_for_cache
+    from delg_geo.evaluation.queries import read_queries
 
     md = pd.read_csv(Path(args.index) / "metadata.csv")
     items, _ = read_queries(args.queries, None)
@@ -81,7 +81,7 @@ def _compact(args) -> None:
     """The cache as the compact store holds it: each reference's best ``--max-local`` features,
     their descriptors PCA-projected, int8-coded and decoded (``pca-int8``, ``--dim``), keypoints
     rounded to whole pixels; the queries' descriptors only projected (all of them), as a query is."""
-    from delg_geo.store import fit_local_codec
+    from delg_geo.index.store import fit_local_codec
 
     z = np.load(args.cache)
     kp, de, sc, off, n_ref = z["keypoints"], z["descriptors"], z["scores"], z["offsets"], int(z["n_ref"])
@@ -125,7 +125,7 @@ class Cache:
 def _verify(args) -> None:
     import pandas as pd
 
-    from delg_geo.verify import VerifyConfig, verify_pair
+    from delg_geo.retrieval.verify import VerifyConfig, verify_pair
 
     cache = Cache(args.cache)
     cands = np.load(args.candidates)
@@ -136,7 +136,7 @@ def _verify(args) -> None:
     vc = VerifyConfig(px_threshold=args.px, ratio=args.ratio, max_features=args.max_features, min_inliers=1)
     inl = np.zeros(ids.shape, np.int32)
     t0 = time.perf_counter()
-    from delg_geo.runtime import single_threaded_blas
+    from delg_geo.core.runtime import single_threaded_blas
 
     with ThreadPoolExecutor(2) as pool, single_threaded_blas():  # as a query verifies (locate.py)
         for q in range(len(ids)):
@@ -213,7 +213,7 @@ def _ransac(args) -> None:
 def _query_sizes(queries):
     from PIL import Image, ImageOps
 
-    from delg_geo.queries import read_queries
+    from delg_geo.evaluation.queries import read_queries
 
     items, _ = read_queries(queries, None)
     return np.array([ImageOps.exif_transpose(Image.open(i.path)).size for i in items])
@@ -228,10 +228,10 @@ def _evaluate(args) -> None:
 
     import pandas as pd
 
-    from delg_geo.diagnose import rule_errors_km
-    from delg_geo.geo import haversine_km
-    from delg_geo.knn import default_sigma_km, knn_vote
-    from delg_geo.queries import read_queries
+    from delg_geo.evaluation.diagnose import rule_errors_km
+    from delg_geo.core.geo import haversine_km
+    from delg_geo.retrieval.knn import default_sigma_km, knn_vote
+    from delg_geo.evaluation.queries import read_queries
 
     cands = np.load(args.candidates)
     md = pd.read_csv(Path(args.index) / "metadata.csv")
@@ -296,9 +296,9 @@ def _throughput(args) -> None:
     """images/s of the whole extraction ``index build`` runs, per --local choice, in one run."""
     import pandas as pd
 
-    from delg_geo.extract import iter_extract
-    from delg_geo.models import get_extractor
-    from delg_geo.runtime import configure_for_throughput
+    from delg_geo.features.extract import iter_extract
+    from delg_geo.features.models import get_extractor
+    from delg_geo.core.runtime import configure_for_throughput
 
     configure_for_throughput()
     ref = pd.read_csv(Path(args.data) / "reference.csv")

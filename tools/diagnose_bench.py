@@ -5,7 +5,7 @@ the decision rule's accuracy under cross-validation.
 
 Reads ``candidates.npz`` and ``predictions.csv`` from the bench output folder (``delg-geo bench``
 with the ``verified`` method writes both) and the candidates' coordinates from the index. Nothing
-is re-extracted or re-verified, so it runs in seconds. See :mod:`delg_geo.diagnose`.
+is re-extracted or re-verified, so it runs in seconds. See :mod:`delg_geo.evaluation.diagnose`.
 """
 
 from __future__ import annotations
@@ -23,12 +23,12 @@ import pandas as pd  # noqa: E402
 
 
 def diagnose(bench_dir: Path, index_dir: Path, radius_km: float = 0.1, repeats: int = 10) -> dict:
-    from delg_geo.diagnose import BenchCandidates, breakdown, correct_mask, cross_validate_rule, recall_at_k
-    from delg_geo.errors import DelgGeoError
-    from delg_geo.index import GeoIndex
-    from delg_geo.knn import default_sigma_km, knn_vote
-    from delg_geo.locate import VOTE_BASE_DEFAULTS, LocateConfig
-    from delg_geo.verify import VERIFY_DEFAULTS
+    from delg_geo.evaluation.diagnose import BenchCandidates, breakdown, correct_mask, cross_validate_rule, recall_at_k
+    from delg_geo.core.errors import DelgGeoError
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.knn import default_sigma_km, knn_vote
+    from delg_geo.retrieval.locate import VOTE_BASE_DEFAULTS, LocateConfig
+    from delg_geo.retrieval.verify import VERIFY_DEFAULTS
 
     cands = BenchCandidates.load(bench_dir / "candidates.npz")
     pred = pd.read_csv(bench_dir / "predictions.csv")
@@ -56,7 +56,7 @@ def diagnose(bench_dir: Path, index_dir: Path, radius_km: float = 0.1, repeats: 
     fb = np.array([knn_vote(lats[i][valid[i]], lons[i][valid[i]], cands.similarities[i][valid[i]], sigma)[:2]
                    for i in range(len(gt_lat))])
     # the rule the queries used: the index's calibrated one where it has a calibration
-    from delg_geo.calibrate import load_index_calibration
+    from delg_geo.retrieval.calibrate import load_index_calibration
 
     cal = load_index_calibration(index)
     rule = cal.rule.as_tuple() if cal else (vc.min_inliers, cfg.vote_base_inliers, cfg.vote_radius_km)
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     a = ap.parse_args(argv)
-    from delg_geo.errors import DelgGeoError
+    from delg_geo.core.errors import DelgGeoError
 
     try:
         rep = diagnose(a.bench_dir, a.index, a.radius_km, a.repeats)

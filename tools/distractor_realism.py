@@ -58,10 +58,10 @@ def rotated(x: np.ndarray, mean: np.ndarray, rotation: np.ndarray) -> np.ndarray
 
 def describe(index_dir: Path, queries: Path, images: Path | None, elsewhere: Path | None, n: int, seed: int = 0,
              limit: int = 0) -> dict:
-    from delg_geo.geo import haversine_km
-    from delg_geo.images import load_image
-    from delg_geo.locate import Geolocator, LocateConfig
-    from delg_geo.queries import read_queries
+    from delg_geo.core.geo import haversine_km
+    from delg_geo.features.images import load_image
+    from delg_geo.retrieval.locate import Geolocator, LocateConfig
+    from delg_geo.evaluation.queries import read_queries
 
     geo = Geolocator.from_index(index_dir, config=LocateConfig(places=False), device="cpu")
     index = geo.index

@@ -1,4 +1,4 @@
-"""Regenerate ``delg_geo/_world_outline.py``: the offline fallback world map of the HTML maps.
+"""Regenerate ``delg_geo/evaluation/_world_outline.py``: the offline fallback world map of the HTML maps.
 
 Source: Natural Earth 1:110m "Admin 0 - Countries" (public domain, naturalearthdata.com), as
 shipped in the PyPI wheel of geopandas 0.14.4 (``geopandas/datasets/naturalearth_lowres``;

@@ -3,7 +3,7 @@
 Verification can only confirm a photo of the right place that the search hands it. This tool
 measures that, on the index's own photos, never on a query set: a seeded sample of the photos
 (seed 1 by default, not calibration's 0) is searched from its stored features, its
-near-duplicates left out as calibration leaves them out (delg_geo/calibrate.py), and for each one
+near-duplicates left out as calibration leaves them out (delg_geo/retrieval/calibrate.py), and for each one
 that has a right photo in the index (within ``--radius-km``) it records the rank of the first
 one among
 
@@ -54,11 +54,11 @@ def recall(index_dir: Path, *, sample: int = 200, seed: int = 1, radius_km: floa
            progress: bool = False) -> dict:
     import pandas as pd
 
-    from delg_geo.asmk import InvertedFile
-    from delg_geo.calibrate import near_duplicates, photo_keys, pinned_geotags, query_settings, sample_ids
-    from delg_geo.geo import haversine_km
-    from delg_geo.index import GeoIndex
-    from delg_geo.search import local_candidates, shortlist
+    from delg_geo.index.asmk import InvertedFile
+    from delg_geo.retrieval.calibrate import near_duplicates, photo_keys, pinned_geotags, query_settings, sample_ids
+    from delg_geo.core.geo import haversine_km
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.search import local_candidates, shortlist
 
     index = GeoIndex(index_dir, device="cpu")
     n_all = len(index)

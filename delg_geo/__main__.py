@@ -1,0 +1,5 @@
+"""``python -m delg_geo``: the ``delg-geo`` command line."""
+
+from delg_geo.apps.cli import main
+
+main()
