@@ -19,9 +19,7 @@ memory stays bounded by one part plus the training samples, whatever the collect
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +30,8 @@ import pandas as pd
 
 from delg_geo.core.errors import DelgGeoError, IndexFormatError
 from index_builder.npy_appender import NpyAppender
+from index_builder.swap import swap_staging  # noqa: F401 (public here too)
+from index_builder.work import BUILDING, STAGING, _kill_point  # noqa: F401 (public here too)
 from delg_geo.index.geo_index import (
     DEFAULT_EXACT_LIMIT,
     FORMAT_VERSION,
@@ -47,17 +47,6 @@ from delg_geo.index.geo_index import (
 )
 from delg_geo.index.store import LocalCodec, encode_keypoints, fit_local_codec, keypoint_unit
 from delg_geo.index.whitening import Whitening, fit_pca_whitening
-
-STAGING = ".staging"
-BUILDING = ".building"
-
-
-def _kill_point(name: str) -> None:
-    """Tests only: ``DELG_GEO_TEST_KILL_AT=name`` kills this process (SIGKILL) at that point,
-    as a power cut would (see tests/test_hostile.py, the recovery harness)."""
-    if os.environ.get("DELG_GEO_TEST_KILL_AT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
-
 
 @dataclass
 class CompactOptions:
@@ -205,6 +194,7 @@ def assemble_index(
     stored features. ``expected_images`` (the whole index's size, where the caller knows it)
     sizes a new codebook; ``codebook`` imposes one (``tools/bench_scale.py``).
     """
+    from delg_geo.index.crosscheck import file_stamp
     from delg_geo.index.integrity import file_checksum
 
     import faiss
@@ -349,6 +339,7 @@ def assemble_index(
     pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
     files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != MANIFEST}
     checksums = {name: file_checksum(staging / name) for name in files}
+    stamps = {name: file_stamp(staging / name, build_id) for name in files}  # checked on open (crosscheck.py)
     local_info = dict(codec.info(), max_features=opts.max_local, keypoints="uint16")
     manifest = Manifest(
         model_id=model.model_id,
@@ -366,6 +357,7 @@ def assemble_index(
         whitening=wh_info,
         files=files,
         checksums=checksums,
+        stamps=stamps,
         skipped=all_skipped,
         sources=list(sources or []),
         versions=library_versions(),
@@ -487,6 +479,13 @@ def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | No
     dst = Path(dst)
     if (dst / MANIFEST).exists() or (dst.exists() and any(dst.iterdir())):
         raise DelgGeoError(f"{dst} is not empty; choose a new folder")
+    from delg_geo.index.lock import storage_errors, writer_lock
+
+    with storage_errors(dst), writer_lock(dst, "delg-geo index compact"):
+        return _compact(src, dst, m, options, log)
+
+
+def _compact(src, dst: Path, m: Manifest, options, log) -> Manifest:
     model = ModelInfo(m.model_id, m.model_fingerprint, m.local_dim, m.whitening.get("kind") == "pca" or
                       "reason" in m.whitening, m.model_config, m.local_features, m.local_fingerprint, m.local_config)
     if m.format_version >= 2:
@@ -497,28 +496,3 @@ def compact_index(src: str | Path, dst: str | Path, options: CompactOptions | No
     return assemble_index(dst, legacy_loaders(src), model, options=options, skipped=m.skipped,
                           sources=m.sources + [dict(compacted_from=str(Path(src).resolve()), at=now_iso())],
                           created=m.created, log=log)
-
-
-def swap_staging(index_dir: Path) -> None:
-    """Move the staged files into place; the manifest goes last, and only then is work removed."""
-    staging = index_dir / STAGING
-    (index_dir / MANIFEST).unlink(missing_ok=True)
-    import json
-
-    staged = set(json.loads((staging / MANIFEST).read_text()).get("files", {}))
-    # files of the previous index that this one does not have (format 1 -> 2, a dropped global.faiss)
-    for name in _INDEX_FILES - staged:
-        (index_dir / name).unlink(missing_ok=True)
-    for p in sorted(staging.iterdir()):
-        if p.name != MANIFEST:
-            os.replace(p, index_dir / p.name)
-            _kill_point("swap")
-    os.replace(staging / MANIFEST, index_dir / MANIFEST)
-    _kill_point("manifest")
-    shutil.rmtree(staging, ignore_errors=True)
-    _kill_point("staging-removed")
-    shutil.rmtree(index_dir / BUILDING, ignore_errors=True)
-
-
-_INDEX_FILES = {"global_raw.npy", "global.faiss", "global.npy", "local_descriptors.npy", "local_scores.npy",
-                "local_codes.npy", "local_codec.npz", "local_keypoints.npy", "local_offsets.npy"}

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from index_builder.assemble import BUILDING, _kill_point, best_feature_rows
+from index_builder.assemble import best_feature_rows
+from index_builder.work import BUILDING, _kill_point
 
 
 def _load_parts(index_dir: Path, extractor=None, log=None, max_local: int | None = None) -> list[dict]:
@@ -70,7 +71,11 @@ def _write_part(index_dir: Path, number: int, rows: list[dict], extractor=None, 
     )
     final = parts_dir / f"part-{number:05d}.npz"
     tmp = parts_dir / f".part-{number:05d}.tmp.npz"
-    np.savez(tmp, **arrays)
+    try:
+        np.savez(tmp, **arrays)
+    except BaseException:  # a full disk, an interrupt: no half-written checkpoint stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     _kill_point("part-tmp")
     os.replace(tmp, final)
     _kill_point("part")

@@ -82,11 +82,17 @@ def browser(tmp_path_factory):
     drv.quit()
 
 
-def _console_errors(drv) -> list[str]:
+def _console_errors(drv, strict: bool = True) -> list[str]:
+    """The page's SEVERE console messages. A log that cannot be read fails the test (an empty
+    list would pass for "no errors"); ``strict=False`` (for a failure message already being
+    written) gives the reason as the one message instead."""
     try:
         logs = drv.get_log("browser")
-    except Exception:  # noqa: BLE001
-        return []
+    except Exception as e:  # noqa: BLE001
+        if not strict:
+            return [f"(the browser's console log could not be read: {type(e).__name__}: {e})"]
+        pytest.fail(f"the browser's console log could not be read ({type(e).__name__}: {e}); "
+                    "the test cannot tell whether the page logged errors")
     # Tiles from the internet fail here (no network): that is expected and handled by the page.
     return [e["message"] for e in logs if e["level"] == "SEVERE" and "tile.openstreetmap.org" not in e["message"]]
 
@@ -112,7 +118,7 @@ def test_upload_shows_marker_and_place(server, browser, tiny_geo, tmp_path):
         WebDriverWait(browser, 90).until(lambda d: d.find_element(By.ID, "dg-place").text.strip())
     except TimeoutException:
         pytest.fail(f"no place shown; status: {browser.find_element(By.ID, 'dg-status').text!r}; "
-                    f"console: {_console_errors(browser)}")
+                    f"console: {_console_errors(browser, strict=False)}")
     place = browser.find_element(By.ID, "dg-place").text
     assert expected.name in place and "IT" in place, place
     status = browser.find_element(By.ID, "dg-status").text

@@ -293,8 +293,8 @@ def test_every_file_has_a_checksum_and_verify_passes(tiny, capsys):
     assert code == 0 and out.strip().endswith("ok") and "metadata.csv: ok" in out, err
     code, out, _ = run_cli(capsys, "index", "verify", "--index", tiny["index"], "--json")
     rep = json.loads(out)
-    assert code == 0 and rep["ok"] and rep["checked"] == ["sizes", "checksums", "metadata", "global index", "local features",
-                                                          "inverted file"]
+    assert code == 0 and rep["ok"] and rep["checked"] == ["sizes", "checksums", "metadata", "global index", "cross-checks",
+                                                          "local features", "inverted file"]
 
 
 def test_edited_coordinate_is_refused(tiny, tmp_path, capsys, small_extractor):
@@ -322,7 +322,7 @@ def test_random_bytes_in_global_vectors(tiny, tmp_path, capsys, with_checksums):
     head = (index / name).read_bytes()[:128]  # the header survives; the vectors do not
     (index / name).write_bytes(head + np.random.default_rng(0).bytes(size - 128))
     if not with_checksums:  # as an index built before checksums were recorded
-        _edit_manifest(index, lambda d: d.pop("checksums"))
+        _edit_manifest(index, lambda d: (d.pop("checksums"), d.pop("stamps", None)))
     code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
     assert code == 2 and out == "" and "damaged index" in err and name in err
     assert "no candidates" not in err
@@ -341,7 +341,7 @@ def test_random_bytes_in_the_inverted_file(tiny, tmp_path, capsys, with_checksum
     ids.flush()
     del ids
     if not with_checksums:
-        _edit_manifest(index, lambda d: d.pop("checksums"))
+        _edit_manifest(index, lambda d: (d.pop("checksums"), d.pop("stamps", None)))
     code, out, err = run_cli(capsys, "query", lund(1)[0], "--index", index)
     assert code == 2 and out == "" and "damaged index" in err and name in err, err
     # without checksums, the id itself gives it away
@@ -380,14 +380,16 @@ def test_damaged_candidate_is_skipped_with_a_note(tiny, tmp_path, small_extracto
     code, out, err = run_cli(capsys, "query", query, "--index", index)
     name = "local_keypoints.npy" if what.startswith("kp") else "local_codes.npy"
     assert code == 2 and out == "" and f"{name} content does not match its checksum" in err
-    # a store too large to checksum on open (here: a 0-byte budget) is checked per candidate
+    # a store too large to checksum on open (here: a 0-byte budget) is checked per candidate; its
+    # stamp's sampled blocks need not cover one image's rows (here: no stamp at all)
     monkeypatch.setattr(integrity, "CHEAP_CHECK_BYTES", 0)
+    _edit_manifest(index, lambda d: d.pop("stamps", None))
     geo = Geolocator(GeoIndex(index), small_extractor, LocateConfig(top_k=3, places=False))
     p = geo.locate(query)
     assert p.neighbour.id != 1 and all(a.id != 1 for a in p.alternatives)
     assert "skipped 1 damaged candidate" in p.note and "id 1 (02.jpg)" in p.note and "index verify" in p.note
     # verify finds it even without checksums (an index built before they were recorded)
-    _edit_manifest(index, lambda d: d.pop("checksums"))
+    _edit_manifest(index, lambda d: (d.pop("checksums"), d.pop("stamps", None)))
     code, out, err = run_cli(capsys, "index", "verify", "--index", index)
     assert code == 1 and "image 1 (02.jpg): local features" in err
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -15,60 +14,41 @@ quiet_tensorflow_logs()
 import typer  # noqa: E402
 
 from delg_geo.core.errors import DelgGeoError  # noqa: E402
-from delg_geo.core.jsonio import json_default  # noqa: E402
+from delg_geo.apps.cli_common import (  # noqa: E402
+    distinct_stems, _IDX, _LOCAL_HELP, _MODEL_HELP, _check_output, _emit_json, _err, _index_or_env, _ray_options, _throughput,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell where a photo was taken, by DELG retrieval.")
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect indexes of geotagged images.")
 app.add_typer(index_app, name="index")
 
-try:  # the official-model commands live in their own module
-    from delg_geo.apps.cli_model import app as model_app
+# the official-model, bench and serve commands live in their own modules; an import error there
+# surfaces (a command never vanishes silently)
+from delg_geo.apps.cli_model import app as model_app  # noqa: E402
 
-    app.add_typer(model_app, name="model", help="Fetch or register official DELG SavedModels.")
-except ImportError:  # pragma: no cover
-    pass
-
-for _mod in ("cli_bench", "cli_serve"):
-    try:
-        __import__(f"delg_geo.{_mod}", fromlist=["register"]).register(app)
-    except ImportError:
-        pass
+app.add_typer(model_app, name="model", help="Fetch or register official DELG SavedModels.")
 
 
-def _throughput() -> None:
-    from delg_geo.core.runtime import configure_for_throughput
+def _version(value: bool) -> None:
+    if value:
+        from delg_geo import __version__
 
-    configure_for_throughput()
-
-
-def _err(msg: str) -> None:
-    typer.echo(f"delg-geo: error: {msg}", err=True)
+        typer.echo(f"delg-geo {__version__}")
+        raise typer.Exit()
 
 
-_MODEL_HELP = (
-    "Model name (default: efficientnet-lite0), or the folder of a DELG SavedModel. A SavedModel "
-    "folder runs that model's TensorFlow graph: load trusted models only."
-)
+@app.callback()
+def _main_options(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version of delg-geo and exit."),
+):
+    """Tell where a photo was taken, by DELG retrieval."""
 
 
-def _check_output(path: Optional[Path], option: str) -> None:
-    """Refuse an output path that cannot be written, before any work is done or printed."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise DelgGeoError(f"{option} {path}: is a folder; give a file name (for example {path / ('out' + (path.suffix or '.html' if option == '--map' else '.png'))})")
-    anc = path.parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
-    if not anc.is_dir():
-        raise DelgGeoError(f"{option} {path}: {anc} is a file, not a folder; cannot write there")
-    if not os.access(anc, os.W_OK):
-        raise DelgGeoError(f"{option} {path}: the folder {anc} is not writable")
-    path.parent.mkdir(parents=True, exist_ok=True)
-
-
-def _emit_json(obj) -> None:
-    typer.echo(json.dumps(obj, default=json_default))
+def _loading(what: str, quiet: bool) -> None:
+    """One line on stderr before a model is loaded (seconds, longer on the first run), unless ``quiet``."""
+    if not quiet:
+        typer.echo(f"delg-geo: loading {what} (a few seconds, longer the first time) ...", err=True)
 
 
 @app.command()
@@ -84,8 +64,10 @@ def extract(
 
     if len(images) > 1:
         _throughput()
+    _loading(f"the model {model or 'efficientnet-lite0'}", json_out)
     ext = get_extractor(model)
     failures = 0
+    stems = distinct_stems(images)
     if save_dir:
         save_dir.mkdir(parents=True, exist_ok=True)
     for res in iter_extract(images, ext, progress=not json_out and len(images) > 20):
@@ -96,8 +78,12 @@ def extract(
                 _emit_json({"image": res.path, "error": res.error})
             continue
         f = res.features
+        saved = None
         if save_dir:
-            f.save(save_dir / (Path(res.path).stem + ".npz"))
+            saved = save_dir / (stems[res.index] + ".npz")
+            f.save(saved)
+            if not json_out:
+                typer.echo(f"features of {res.path}: {saved}", err=True)
         rec = {
             "image": res.path,
             "model": f.model_id,
@@ -107,6 +93,8 @@ def extract(
             "image_size": list(f.image_size),
             "seconds": round(res.seconds, 4),
         }
+        if saved is not None:
+            rec["saved"] = str(saved)
         if json_out:
             _emit_json(rec)
         else:
@@ -153,25 +141,28 @@ def _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite
                        f"{r['shards']} shards ({r['failed_shards']} failed), workers ready in {r.get('startup_s', 0):.1f} s")
 
 
-_IDX = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX).")
-_LOCAL_HELP = ("Local features for verification: aliked-n16, delg (the model's own) or xfeat "
-               "(default: aliked-n16 with the default model, an official DELG model's own otherwise).")
+_METADATA_HELP = ("CSV (image,lat,lon), or a Placing/YFCC file. An alternative to --from-exif: give one of "
+                  "the two (or neither, for VPR-style file names that hold the positions).")
+_FROM_EXIF_HELP = ("Read positions from EXIF GPS instead of a --metadata file (every file without GPS is "
+                   "listed as skipped).")
+_FORMAT_HELP = "How to read the positions: auto, csv, exif, vpr or yfcc."
+_BATCH_HELP = "Images per forward pass of the network (at least 1)."
 
 
 @index_app.command("build")
 def index_build(
     images_dir: Path = typer.Argument(..., help="Folder the metadata's image paths are relative to."),
-    metadata: Optional[Path] = typer.Option(None, "--metadata", help="CSV (image,lat,lon), or a Placing/YFCC file."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help=_METADATA_HELP),
     index: Path = typer.Option(..., "--index", "-i", help="Index folder to create."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help=_MODEL_HELP),
     local: Optional[str] = typer.Option(None, "--local", help=_LOCAL_HELP),
-    from_exif: bool = typer.Option(False, "--from-exif", help="Read positions from EXIF GPS (every other file is listed as skipped)."),
-    fmt: str = typer.Option("auto", "--format", help="auto, csv, exif, vpr or yfcc."),
+    from_exif: bool = typer.Option(False, "--from-exif", help=_FROM_EXIF_HELP),
+    fmt: str = typer.Option("auto", "--format", help=_FORMAT_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted build."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths (and symlinks) leading outside IMAGES_DIR."),
     index_type: str = typer.Option("auto", "--index-type", help="auto, flat, ivfpq or hnsw."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help=_BATCH_HELP),
     yfcc: Optional[Path] = typer.Option(None, "--yfcc", help="YFCC100M metadata file, with a Placing 2016 list as --metadata."),
     use_ray: bool = typer.Option(False, "--ray", help="Extract on Ray workers (a local cluster unless --ray-address)."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
@@ -186,7 +177,8 @@ def index_build(
     calibrate: Optional[bool] = typer.Option(
         None, "--calibrate/--no-calibrate",
         help="Fit the confidence on the collection after building (default: from 200 images up)."),
-    json_out: bool = typer.Option(False, "--json"),
+    adapt: bool = typer.Option(False, "--adapt", help="Then adapt the global descriptor to the collection (`index adapt`)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the build report as JSON (no progress bar)."),
 ):
     """Index a geotagged image collection (compact: about 31 KB an image)."""
     if confidence_radius_km is not None and not confidence_radius_km > 0:
@@ -199,29 +191,22 @@ def index_build(
     _build(images_dir, metadata, index, model, from_exif, fmt, resume, overwrite, allow_outside, index_type, batch_size, json_out,
            add=False, yfcc=yfcc, ray=ray, keep_raw=keep_raw, confidence_radius_km=confidence_radius_km, calibrate=calibrate,
            local=local, compact=dict(local_codec=local_codec, local_dim=local_dim or None, max_local=max_local, asmk=asmk))
+    if adapt:  # a second JSON line with --json: the adapt report
+        from delg_geo.apps.cli_adapt import run_adapt
 
-
-def _ray_options(use_ray: bool, address: Optional[str], workers: Optional[int]):
-    """RayOptions for ``--ray``/``--ray-address``/``--workers``, or None for a single process."""
-    if not (use_ray or address):
-        if workers is not None:
-            raise DelgGeoError("--workers needs --ray")
-        return None
-    from index_builder.ray_build import RayOptions
-
-    return RayOptions(address=address, workers=workers)
+        run_adapt(index, ray=ray, json_out=json_out)
 
 
 @index_app.command("add")
 def index_add(
-    images_dir: Path = typer.Argument(...),
-    metadata: Optional[Path] = typer.Option(None, "--metadata"),
+    images_dir: Path = typer.Argument(..., help="Folder the metadata's image paths are relative to."),
+    metadata: Optional[Path] = typer.Option(None, "--metadata", help=_METADATA_HELP),
     index: Optional[Path] = _IDX,
-    from_exif: bool = typer.Option(False, "--from-exif"),
-    fmt: str = typer.Option("auto", "--format"),
+    from_exif: bool = typer.Option(False, "--from-exif", help=_FROM_EXIF_HELP),
+    fmt: str = typer.Option("auto", "--format", help=_FORMAT_HELP),
     allow_outside: bool = typer.Option(False, "--allow-outside", help="Accept paths (and symlinks) leading outside IMAGES_DIR."),
-    batch_size: int = typer.Option(4, "--batch-size", min=1),
-    json_out: bool = typer.Option(False, "--json"),
+    batch_size: int = typer.Option(4, "--batch-size", min=1, help=_BATCH_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON (no progress bar)."),
 ):
     """Add images to an existing index (its whitening and local codec encode them; the global index is rebuilt)."""
     from delg_geo.index.geo_index import read_manifest
@@ -246,7 +231,7 @@ def index_add(
 def index_compact(
     index: Optional[Path] = _IDX,
     out: Path = typer.Option(..., "--out", help="New folder for the compact index."),
-    json_out: bool = typer.Option(False, "--json"),
+    json_out: bool = typer.Option(False, "--json", help="Print the new index's summary as JSON."),
 ):
     """Convert a format-1 index (delg-geo before the compact store) to the compact format, or give a compact index what it lacks (the ASMK inverted file), without re-extracting."""
     from index_builder.assemble import compact_index
@@ -264,13 +249,13 @@ def index_compact(
 @index_app.command("calibrate")
 def index_calibrate(
     index: Optional[Path] = _IDX,
-    sample: int = typer.Option(1000, "--sample", help="How many of the index's own photos to locate against the rest."),
+    sample: int = typer.Option(1000, "--sample", min=1, help="How many of the index's own photos to locate against the rest (at least 1)."),
     radius_km: Optional[float] = typer.Option(None, "--confidence-radius-km",
                                               help="Radius the confidence is about (default: the manifest's, 0.1)."),
-    top_k: int = typer.Option(100, "--top-k", "-k", help="Candidates verified per photo, as a query does."),
+    top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Candidates verified per photo, as a query does (at least 1)."),
     local_top_k: Optional[int] = typer.Option(None, "--local-top-k", min=0, help="Candidates the ASMK inverted file adds, as a query does (default: as many as --top-k)."),
     no_tune: bool = typer.Option(False, "--no-tune", help="Keep the default decision rule; fit only the confidence."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the random sample (0 or more)."),
     json_out: bool = typer.Option(False, "--json", help="Print the calibration as JSON."),
 ):
     """Fit the confidence (and the decision rule) on the index's own photos."""
@@ -293,7 +278,7 @@ def index_calibrate(
 
 
 @index_app.command("info")
-def index_info(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False, "--json")):
+def index_info(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False, "--json", help="Print the manifest as JSON.")):
     """Print an index's manifest."""
     from delg_geo.index.geo_index import read_manifest
 
@@ -318,35 +303,39 @@ def index_info(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False
 
 
 @index_app.command("verify")
-def index_verify(index: Optional[Path] = _IDX, json_out: bool = typer.Option(False, "--json")):
+def index_verify(
+    index: Optional[Path] = _IDX,
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    allow_unchecked: bool = typer.Option(
+        False, "--allow-unchecked", help="Pass an index whose files have no recorded checksum (built before delg-geo "
+        "recorded them) when everything else checks out; without it such an index fails."),
+    rehash: bool = typer.Option(
+        False, "--rehash", help="Record the missing checksums in the manifest once everything else checks out (after "
+        "your own check that the files are the index's own)."),
+):
     """Check every file of an index against its manifest's sizes and checksums, then its contents
-    (metadata ranges, the FAISS vectors, every image's local features). Exit 1 if anything is damaged."""
+    (metadata ranges, the FAISS vectors, every image's local features, the inverted file, and that
+    the files belong together). Exit 1 if anything is damaged, or unchecked without --allow-unchecked."""
     from delg_geo.index.check import verify_index
 
     idx = _index_or_env(index)
-    rep = verify_index(idx)
+    rep = verify_index(idx, allow_unchecked=allow_unchecked, rehash=rehash)
     if json_out:
         _emit_json(rep)
     else:
         for f in rep["files"]:
-            typer.echo(f"{f['name']}: {'ok' if f['ok'] else 'DAMAGED: ' + f['problem']}")
+            state = "DAMAGED: " + f["problem"] if not f["ok"] else (
+                "ok, checksum recorded now" if f["name"] in rep.get("rehashed", ()) else
+                "ok (size only: no checksum recorded)" if f.get("unchecked") else "ok")
+            typer.echo(f"{f['name']}: {state}")
         if rep.get("note"):
             typer.echo(f"note: {rep['note']}")
         typer.echo(f"checked: {', '.join(rep['checked'])}")
     if not rep["ok"]:
-        _err(f"index {idx} is damaged: " + "; ".join(rep["problems"]))
+        _err(f"index {idx} is {'damaged' if rep['damaged'] else 'not verified'}: " + "; ".join(rep["problems"]))
         raise typer.Exit(1)
     if not json_out:
         typer.echo(f"index {idx}: ok")
-
-
-def _index_or_env(index: Optional[Path]) -> Path:
-    from delg_geo.core.config import default_index
-
-    index = index or default_index()
-    if index is None:
-        raise DelgGeoError("no index given: pass --index DIR or set DELG_GEO_INDEX")
-    return index
 
 
 @app.command()
@@ -368,21 +357,28 @@ def query(
     _check_output(map_out, "--map")
     _check_output(explain, "--explain")
 
+    _loading("the index and the model", json_out)
     geo = Geolocator.from_index(_index_or_env(index), model=model, local=local, top_k=top_k, local_top_k=local_top_k,
                                 verify=not no_verify)
+    if geo.index.unchecked:  # an index built before delg-geo recorded checksums
+        typer.echo(f"note: {geo.index.path} has no recorded checksum for {len(geo.index.unchecked)} file(s); check it "
+                   f"and record them with `delg-geo index verify --index {geo.index.path} --rehash`", err=True)
     failures = 0
     rows = []
     preds = []
-    for pred in geo.locate_many(images, progress=not json_out and len(images) > 5):
+    stems = distinct_stems(images)
+    answers = geo.locate_many_with_features(images, progress=not json_out and len(images) > 5)
+    for position, (pred, feats) in enumerate(answers):
+        target = None
         if not isinstance(pred, Exception):
             preds.append(pred)
             if explain is not None:
                 from delg_geo.apps.explain import explain_prediction
 
-                target = explain if len(images) == 1 else explain.with_name(f"{explain.stem}-{Path(pred.image).stem}{explain.suffix or '.png'}")
-                explain_prediction(geo, pred.image, pred, target)
-                if not json_out:
-                    typer.echo(f"match picture: {target}", err=True)
+                target = explain if len(images) == 1 else explain.with_name(
+                    f"{explain.stem}-{stems[position]}{explain.suffix or '.png'}")
+                explain_prediction(geo, pred.image, pred, target, features=feats)  # the answer's own verification
+                typer.echo(f"match picture of {pred.image}: {target}", err=True)
         if isinstance(pred, Exception):
             failures += 1
             _err(str(pred))
@@ -390,7 +386,7 @@ def query(
                 _emit_json({"image": getattr(pred, "path", ""), "error": str(pred)})
             continue
         if json_out:
-            _emit_json(pred.to_dict())
+            _emit_json(dict(pred.to_dict(), **({"explain": str(target)} if target is not None else {})))
         else:
             rows.append(pred)
     if rows:
@@ -427,6 +423,14 @@ def _table(preds) -> str:
         if p.note:
             out.append(f"note: {Path(p.image).name}: {p.note}")
     return "\n".join(out)
+
+
+# the bench, classifier and serve commands, from their own modules
+from delg_geo.apps import cli_adapt, cli_bench, cli_serve  # noqa: E402
+
+cli_adapt.register(index_app)
+cli_bench.register(app)
+cli_serve.register(app)
 
 
 def main() -> None:

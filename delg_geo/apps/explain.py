@@ -1,8 +1,11 @@
-"""Why this answer: the query beside its verified neighbour, with the inlier matches drawn as lines.
+"""Why this answer: the query beside the answer's neighbour, with the inlier matches drawn as lines.
 
 :func:`draw_explain` draws a given set of matches (Pillow only). :func:`explain_prediction`
-re-extracts the query's features, re-verifies it against the prediction's neighbour from the
-index, and draws the inliers of that verification.
+verifies the query's features (the very ones the answer came from, when given) against the
+prediction's neighbour from the index and draws the inliers of that verification; the
+verification is deterministic, so the picture shows the inlier count the answer reports. The
+header says what the answer is: a verified neighbour, or a global answer (no candidate reached
+the inlier threshold) whose neighbour is only the most similar photo.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from delg_geo.features.images import LoadedImage, load_image
 DISPLAY_HEIGHT = 480  # both photos are scaled to this height
 MAX_LINES = 250  # more inliers than this: an evenly spread sample is drawn
 GAP = 12
-HEADER = 28
+HEADER = 50  # two lines: the photos' labels, then what the answer is
 
 
 def _load(src, max_side: int) -> LoadedImage:
@@ -44,8 +47,10 @@ def render_explain(
     height: int = DISPLAY_HEIGHT,
     max_lines: int = MAX_LINES,
     caption: str | None = None,
+    verified: bool = True,
 ) -> Image.Image:
-    """The match picture as a PIL image (see :func:`draw_explain`)."""
+    """The match picture as a PIL image (see :func:`draw_explain`). ``verified=False`` labels the
+    neighbour as not verified (a global answer)."""
     q = _load(query_image, max_side=2 * height)
     n = _load(neighbour_image, max_side=2 * height)
     tiles, factors = [], []
@@ -79,16 +84,29 @@ def render_explain(
         draw.line([(x1, y1), (x2, y2)], fill=col, width=1)
         draw.ellipse([x1 - r, y1 - r, x1 + r, y1 + r], outline=col, width=2)
         draw.ellipse([x2 - r, y2 - r, x2 + r, y2 + r], outline=col, width=2)
-    text = caption if caption is not None else f"{total} inlier matches" + (f" ({len(pairs)} drawn)" if total > len(pairs) else "")
+    drawn = f" ({len(pairs)} drawn)" if total > len(pairs) else ""
+    text = (caption if caption is not None else f"{total} inlier matches") + drawn
     try:
         font = ImageFont.load_default(size=16)
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     draw.text((6, 5), "query", fill=(0, 0, 0), font=font)
-    draw.text((x_off + 6, 5), "verified neighbour", fill=(0, 0, 0), font=font)
-    tw = draw.textlength(text, font=font)
-    draw.text((W - tw - 6, 5), text, fill=(90, 90, 90), font=font)
+    draw.text((x_off + 6, 5), "verified neighbour" if verified else "most similar photo (not verified)",
+              fill=(0, 0, 0) if verified else (170, 40, 20), font=font)
+    while len(text) > 20 and draw.textlength(text, font=font) > W - 12:  # a narrow picture: cut, never overflow
+        text = text[: int(len(text) * 0.9)].rstrip() + "..."
+    draw.text((6, 27), text, fill=(90, 90, 90), font=font)
     return canvas
+
+
+def answer_caption(method: str, inliers: int, min_inliers: int, note: str = "") -> str:
+    """What the match picture says the answer is: ``answer: verified neighbour, 68 inlier matches``,
+    or for a global answer ``answer: global (not verified: no candidate reached 15 inliers (the
+    most: 7, ...); ...): this photo has 5 inlier matches``. The counts are the answer's own."""
+    if method == "verified":
+        return f"answer: verified neighbour, {inliers} inlier matches"
+    why = note.split("; answered with")[0] if note else f"fewer than {min_inliers} inliers"
+    return f"answer: global, not verified ({why}); this photo: {inliers} inlier matches"
 
 
 def draw_explain(
@@ -99,6 +117,7 @@ def draw_explain(
     inlier_pairs: np.ndarray,
     path: str | Path,
     caption: str | None = None,
+    verified: bool = True,
 ) -> Path:
     """Draw the query (left) beside the verified neighbour (right) with inlier matches as lines; PNG.
 
@@ -107,7 +126,7 @@ def draw_explain(
     ``inlier_pairs`` is ``Verification.inlier_pairs``: (query feature index, neighbour feature index).
     """
     img = render_explain(query_image_path, neighbour_image_path, query_keypoints, neighbour_keypoints,
-                         inlier_pairs, caption=caption)
+                         inlier_pairs, caption=caption, verified=verified)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format="PNG", optimize=False)
@@ -119,6 +138,7 @@ def verify_against(geolocator, feats, neighbour_id: int):
 
     Returns ``(query_keypoints, neighbour_keypoints, Verification)``.
     """
+    from delg_geo.core.runtime import single_threaded_blas
     from delg_geo.retrieval.verify import verify_pair
 
     vc = geolocator.config.verify_config
@@ -126,28 +146,32 @@ def verify_against(geolocator, feats, neighbour_id: int):
     q_kp = feats.keypoints[: vc.max_features]
     q_desc = index.query_local(feats.local_descriptors[: vc.max_features])
     kp, desc = index.local_features(int(neighbour_id))
-    v = verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, index.image_size(int(neighbour_id)))
+    with single_threaded_blas():  # as the query's own verification ran: the same inliers
+        v = verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, index.image_size(int(neighbour_id)))
     return q_kp, kp, v
 
 
-def explain_prediction(geolocator, query_path, prediction, path: str | Path):
+def explain_prediction(geolocator, query_path, prediction, path: str | Path, features=None):
     """Draw why ``prediction`` (a ``Prediction`` or its dict) was made for the photo ``query_path``.
 
-    Re-extracts the query's features, verifies them against the prediction's neighbour (the
-    verification is re-run, so RANSAC may find a slightly different inlier set than the query did)
-    and writes the PNG to ``path``. Returns the :class:`~delg_geo.retrieval.verify.Verification`.
+    Verifies the query's ``features`` (those the prediction came from; extracted again when not
+    given, which may differ slightly from a batched extraction) against the prediction's
+    neighbour, draws the inliers, heads the picture with what the answer is
+    (:func:`answer_caption`) and writes the PNG to ``path``. Returns the
+    :class:`~delg_geo.retrieval.verify.Verification`.
     """
     from delg_geo.evaluation.mapview import reference_path
 
     img = query_path if isinstance(query_path, LoadedImage) else load_image(query_path, max_side=geolocator.extractor.max_side)
-    feats = geolocator.extractor.extract(img)
-    nb = prediction["neighbour"] if isinstance(prediction, dict) else prediction.neighbour
-    nid = int(nb["id"] if isinstance(nb, dict) else nb.id)
+    feats = features if features is not None else geolocator.extractor.extract(img)
+    d = prediction if isinstance(prediction, dict) else prediction.to_dict()
+    nid = int(d["neighbour"]["id"])
     q_kp, kp, v = verify_against(geolocator, feats, nid)
     npath = reference_path(geolocator.index, nid)
     if npath is None:
         from delg_geo.core.errors import DelgGeoError
 
         raise DelgGeoError(f"the photo of index image {nid} is not on disk any more; cannot draw the matches")
-    draw_explain(img, npath, q_kp, kp, v.inlier_pairs, path)
+    caption = answer_caption(d.get("method", "verified"), v.inliers, geolocator.rule.min_inliers, d.get("note", ""))
+    draw_explain(img, npath, q_kp, kp, v.inlier_pairs, path, caption=caption, verified=d.get("method") == "verified")
     return v

@@ -11,7 +11,11 @@
   the match picture. 400: empty upload; 413: larger than the limit; 415: not a readable image.
 * ``GET /api/thumb/{id}`` — a JPEG thumbnail of reference photo ``id``.
 * ``GET /api/match/{token}.png`` — the query beside its verified neighbour, inliers drawn.
-* ``GET /api/info``, ``GET /healthz``, ``GET /openapi.json``.
+* ``GET /api/info``, ``GET /openapi.json``.
+* ``GET /healthz`` — 200 ``{"ok": true}``; 503 ``{"ok": false, "reason": ...}`` once the index
+  folder's files are gone or were replaced (deleted, rebuilt, added to) since the server loaded
+  them (:class:`IndexWatch`); ``/api/locate`` then answers 503 with the same reason, since the
+  loaded index no longer is the one on disk. Restart the server to load the new one.
 
 Requests run in the server's thread pool; at most ``max_concurrent`` locate at once (each one
 gets its own features and answer; the Geolocator holds no per-request state) and at most
@@ -35,6 +39,22 @@ from delg_geo.core.errors import DelgGeoError
 from delg_geo.core.memory import bound_memory, trim_memory  # noqa: F401 (public here too)
 
 DEFAULT_MAX_UPLOAD_MB = 20.0
+
+
+def upload_limit_problem(max_upload_mb) -> str | None:
+    """Why ``max_upload_mb`` cannot be an upload limit (not a number, NaN, infinite, zero or
+    negative, beyond 100 GB), or None."""
+    import math
+
+    try:
+        v = float(max_upload_mb)
+    except (TypeError, ValueError):
+        return f"must be a number of megabytes, got {max_upload_mb!r}"
+    if not math.isfinite(v) or v <= 0:
+        return f"must be a positive number of megabytes, got {max_upload_mb}"
+    if v > 100_000:
+        return f"must be at most 100000 MB, got {max_upload_mb}"
+    return None
 
 
 @dataclass
@@ -91,6 +111,51 @@ def _require_framework():
             raise DelgGeoError(
                 "`delg-geo serve` needs python-multipart, a delg-geo dependency: pip install -e ."
             ) from None
+
+
+class IndexWatch:
+    """Notices when the files of a loaded index are deleted or replaced.
+
+    Records the device, inode, size and modification time of ``manifest.json`` and of every file
+    the manifest lists when the server starts; :meth:`problem` compares them again (a few
+    ``stat`` calls) and says what changed, or returns None.
+    """
+
+    def __init__(self, index_dir: str | Path, files=()):
+        self.path = Path(index_dir)
+        self.names = ["manifest.json", *sorted(set(files) - {"manifest.json"})]
+        self.build_id = self._build_id()
+        self.stats = {n: self._stat(n) for n in self.names}
+
+    def _stat(self, name: str):
+        import os
+
+        try:
+            st = os.stat(self.path / name)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _build_id(self) -> str:
+        try:
+            return str(json.loads((self.path / "manifest.json").read_text()).get("build_id", ""))
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def problem(self) -> str | None:
+        if not self.path.is_dir():
+            return f"the index folder {self.path} is gone; restart the server with an index"
+        for name in self.names:
+            now = self._stat(name)
+            if now == self.stats[name]:
+                continue
+            if now is None:
+                return f"{self.path / name} is gone (deleted since the server loaded the index); restart the server"
+            bid = self._build_id()
+            what = (f"build {bid or '?'} replaced build {self.build_id or '?'}" if bid != self.build_id
+                    else f"{name} changed")
+            return f"the index {self.path} was replaced on disk ({what}); restart the server to load it"
+        return None
 
 
 class _BodyTooLarge(Exception):
@@ -189,9 +254,16 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
     from delg_geo.core.places import _load as _load_places
     from delg_geo.evaluation.mapview import leaflet_version
 
+    from delg_geo.core.errors import InvalidArgumentError
+
     cfg = config or ServeConfig()
     if max_upload_mb is not None:
+        why = upload_limit_problem(max_upload_mb)
+        if why:
+            raise InvalidArgumentError(f"max_upload_mb {why}")
         cfg.max_upload_bytes = int(max_upload_mb * 1024 * 1024)
+    if cfg.max_upload_bytes < 1:
+        raise InvalidArgumentError(f"max_upload_bytes must be at least 1, got {cfg.max_upload_bytes}")
     geo = geolocator
     index = geo.index
     admission = _Admission(cfg.max_concurrent, cfg.max_queue)
@@ -228,8 +300,10 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
         lim = cfg.max_upload_bytes / (1024 * 1024)
         return f"upload too large{f' ({n / (1024 * 1024):.1f} MB)' if n else ''}: the limit is {lim:g} MB"
 
-    add_page_routes(app, info)
-    add_locate_route(app, geo, cfg, admission, matches, _too_large)
+    watch = IndexWatch(index.path, index.manifest.files)
+    app.state.index_watch = watch
+    add_page_routes(app, info, watch.problem)
+    add_locate_route(app, geo, cfg, admission, matches, _too_large, watch.problem)
     add_picture_routes(app, geo, cfg, matches)
 
     @app.exception_handler(DelgGeoError)
@@ -255,7 +329,15 @@ def warm_up(geolocator) -> None:
 def run_server(index_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, *, model: str | None = None,
                max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, max_concurrent: int = 2, log_level: str = "info",
                device: str = "auto", max_queue: int = 8) -> None:
-    """Load the index and model once, then serve until interrupted."""
+    """Load the index and model once, then serve until interrupted. The options are checked
+    before anything is loaded."""
+    from delg_geo.core.errors import InvalidArgumentError
+
+    why = upload_limit_problem(max_upload_mb)
+    if why:
+        raise InvalidArgumentError(f"--max-upload-mb {why}")
+    if not (isinstance(port, int) and 0 < port < 65536):
+        raise InvalidArgumentError(f"--port must be a TCP port, 1 to 65535, got {port}")
     _require_framework()
     import uvicorn
 

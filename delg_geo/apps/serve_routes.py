@@ -4,7 +4,6 @@ them to one FastAPI app."""
 
 import collections
 import io
-import json
 import os
 import threading
 import time
@@ -17,14 +16,14 @@ from fastapi.staticfiles import StaticFiles
 
 from delg_geo.apps.serve_schema import ErrorOut, PredictionOut
 from delg_geo.core.errors import ImageLoadError
-from delg_geo.core.jsonio import json_default
+from delg_geo.core.jsonio import dumps as json_dumps
 from delg_geo.core.memory import trim_memory
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
 
 def _dumps(obj) -> bytes:
-    return json.dumps(obj, default=json_default).encode()
+    return json_dumps(obj).encode()
 
 
 
@@ -39,9 +38,11 @@ def page_html(info: dict) -> str:
             .replace("{{info}}", _json_for_html(info)))
 
 
-def add_page_routes(app, info: dict) -> None:
+def add_page_routes(app, info: dict, health=lambda: None) -> None:
     """``/`` (the page), ``/assets/...`` (Leaflet, the shared map code, the page's own script and
-    style under ``/assets/static/``), ``/favicon.ico``, ``/healthz`` and ``/api/info``."""
+    style under ``/assets/static/``), ``/favicon.ico``, ``/healthz`` and ``/api/info``.
+    ``/healthz`` answers 200 ``{"ok": true}``, or 503 ``{"ok": false, "reason": ...}`` once
+    ``health()`` gives a reason (the index's files deleted or replaced)."""
     from delg_geo.evaluation.mapview import BASE_CSS, BASE_MAP_JS, leaflet_css, leaflet_js, world_outline_geojson
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -78,6 +79,9 @@ def add_page_routes(app, info: dict) -> None:
 
     @app.get("/healthz", include_in_schema=False)
     def healthz():
+        why = health()
+        if why:
+            return Response(_dumps({"ok": False, "reason": why}), status_code=503, media_type="application/json")
         return {"ok": True}
 
     @app.get("/api/info", summary="The index this server answers from")
@@ -86,16 +90,22 @@ def add_page_routes(app, info: dict) -> None:
 
 
 
-def add_locate_route(app, geo, cfg, admission, matches, too_large) -> None:
+def add_locate_route(app, geo, cfg, admission, matches, too_large, health=lambda: None) -> None:
     """``POST /api/locate``: at most ``cfg.max_upload_bytes``, admitted by ``admission``; the match
-    picture's inputs go to ``matches``."""
+    picture's inputs go to ``matches``. ``health()`` gives why the index cannot be trusted any
+    more (its files deleted or replaced), or None; then the answer is 503 with that reason."""
     from delg_geo.core.places import add_places
     from delg_geo.features.images import load_image
 
     def _locate(data: bytes, name: str) -> tuple[dict, str]:
-        from delg_geo.features.extract import min_image_side
+        from delg_geo.apps.explain import answer_caption, verify_against
         from delg_geo.features.base import features_problem
+        from delg_geo.features.extract import min_image_side
+        from delg_geo.retrieval.locate import extract_one
 
+        unhealthy = health()
+        if unhealthy:
+            raise HTTPException(503, f"the index is unavailable: {unhealthy}")
         retry = admission.enter()
         if retry is not None:
             raise HTTPException(503, f"busy: {admission.inside} photos are being located or waiting; retry in {retry} s",
@@ -108,11 +118,17 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large) -> None:
                     img = load_image(data, max_side=geo.extractor.max_side, min_side=min_image_side(geo.extractor))
                 except ImageLoadError as e:
                     raise HTTPException(415, f"not a readable image: {e.reason}") from None
-                feats = geo.extractor.extract(img)
+                try:
+                    feats = extract_one(geo.extractor, img, name)
+                except ImageLoadError as e:
+                    raise HTTPException(422, f"not a usable image: {e.reason}") from None
                 why = features_problem(feats)
                 if why:
                     raise HTTPException(415, f"not a usable image: {why}")
                 pred = geo.locate_features(feats, name, extract_ms=(time.perf_counter() - t0) * 1e3)
+                # the answer's own verification of its neighbour (deterministic): the match picture
+                # then shows the inlier count the answer reports
+                q_kp, n_kp, v = verify_against(geo, feats, pred.neighbour.id)
                 seconds = time.perf_counter() - t0
         finally:
             admission.leave(seconds)
@@ -125,14 +141,14 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large) -> None:
         small.thumbnail((cfg.match_side, cfg.match_side))
         buf = io.BytesIO()
         small.save(buf, format="JPEG", quality=85)
-        vc = geo.config.verify_config
+        pairs = np.asarray(v.inlier_pairs, np.int64).reshape(-1, 2)
         token = matches.put({
             "jpeg": buf.getvalue(),  # small, so the cache stays a few MB
             "original_size": img.original_size,
-            "features": feats.__class__(
-                global_descriptor=feats.global_descriptor[:0], keypoints=feats.keypoints[: vc.max_features].copy(),
-                local_descriptors=feats.local_descriptors[: vc.max_features].astype(np.float16),
-                scores=feats.scores[:0], image_size=feats.image_size, model_id=feats.model_id),
+            "query_points": np.asarray(q_kp, np.float32)[pairs[:, 0]],  # the inliers only
+            "neighbour_points": np.asarray(n_kp, np.float32)[pairs[:, 1]],
+            "caption": answer_caption(pred.method, v.inliers, geo.rule.min_inliers, pred.note),
+            "verified": pred.method == "verified",
             "neighbour": int(pred.neighbour.id),
             "png": None,
         })
@@ -154,8 +170,10 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large) -> None:
                   "headers": {"X-Match-Image": {"description": "URL of the match picture (PNG)", "schema": {"type": "string"}}}},
             400: {"model": ErrorOut, "description": "empty upload"},
             413: {"model": ErrorOut, "description": "upload larger than the server's limit"},
-            415: {"model": ErrorOut, "description": "not a readable image"},
-            503: {"model": ErrorOut, "description": "busy: the queue is full; retry after the Retry-After header's seconds",
+            415: {"model": ErrorOut, "description": "not a readable image (or too small, or too elongated, to describe)"},
+            422: {"model": ErrorOut, "description": "no multipart field 'file', or an image the model cannot describe"},
+            503: {"model": ErrorOut, "description": "busy (the queue is full; retry after the Retry-After header's "
+                                                    "seconds), or the index folder was deleted or replaced",
                   "headers": {"Retry-After": {"description": "seconds", "schema": {"type": "integer"}}}},
         },
     )
@@ -175,7 +193,7 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large) -> None:
 def add_picture_routes(app, geo, cfg, matches) -> None:
     """``GET /api/thumb/{id}`` (reference thumbnails, cached) and ``GET /api/match/{token}.png``
     (the query beside its verified neighbour, drawn on first request)."""
-    from delg_geo.apps.explain import render_explain, verify_against
+    from delg_geo.apps.explain import render_explain
     from delg_geo.evaluation.mapview import reference_path, thumbnail_jpeg
     from delg_geo.features.images import LoadedImage, load_image
 
@@ -225,14 +243,11 @@ def add_picture_routes(app, geo, cfg, matches) -> None:
             npath = reference_path(index, nid)
             if npath is None:
                 raise HTTPException(404, f"the photo of reference {nid} is not on disk")
-            f = rec["features"]
-            f = f.__class__(global_descriptor=f.global_descriptor, keypoints=f.keypoints,
-                            local_descriptors=f.local_descriptors.astype(np.float32), scores=f.scores,
-                            image_size=f.image_size, model_id=f.model_id)
-            q_kp, n_kp, v = verify_against(geo, f, nid)
             small = load_image(rec["jpeg"])
-            img = render_explain(LoadedImage(small.array, rec["original_size"], "query"), npath, q_kp, n_kp,
-                                 v.inlier_pairs)
+            n = len(rec["query_points"])
+            img = render_explain(LoadedImage(small.array, rec["original_size"], "query"), npath, rec["query_points"],
+                                 rec["neighbour_points"], np.stack([np.arange(n), np.arange(n)], axis=1),
+                                 caption=rec["caption"], verified=rec["verified"])
             buf = io.BytesIO()
             img.save(buf, format="PNG")
             rec["png"] = buf.getvalue()

@@ -26,3 +26,8 @@ class IndexFormatError(DelgGeoError):
 
 class MetadataError(DelgGeoError):
     """A metadata file cannot be read at all (row-level problems are reported, not raised)."""
+
+
+class InvalidArgumentError(DelgGeoError, ValueError):
+    """An argument of the Python API or an option of the command line has a value that cannot be
+    used (a ValueError too, so callers that catch ValueError keep working)."""

@@ -11,6 +11,7 @@ the equatorial radius 6378.137 km by up to 22 km.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 
@@ -42,6 +43,26 @@ def _as_float(value) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+#: A plain decimal number as people write coordinates: ASCII digits, one optional sign, one
+#: optional decimal point and an optional exponent; no underscores (``4_5.5``), no other
+#: digits than 0-9, no hexadecimal. ``nan``/``inf`` are matched so that callers can name them.
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:nan|inf|infinity)",
+                      re.IGNORECASE | re.ASCII)
+
+
+def parse_decimal(text) -> float:
+    """``text`` (surrounding blanks ignored) as a float, accepting only plain decimal notation.
+
+    Python's ``float`` also reads ``"4_5.5"`` as 45.5 and non-ASCII digits; this raises
+    ValueError for those, and for anything else that is not a decimal number. ``nan``, ``inf``
+    and ``infinity`` (any case, signed) give NaN and infinities, for the caller to refuse by name.
+    """
+    s = str(text).strip()
+    if not _DECIMAL.fullmatch(s):
+        raise ValueError(f"{s!r} is not a decimal number")
+    return float(s)
 
 
 def valid_latlon(lat, lon) -> bool:

@@ -2,7 +2,9 @@
 
 * :func:`ray_session`: without an address, a local Ray cluster on this machine, stopped at the
   end; with one (``HOST:PORT`` or ``auto``), a connection to that cluster. A session that is
-  already open (a test's, a notebook's) is reused and left open.
+  already open (a test's, a notebook's) is reused and left open. Ray's own INFO and WARNING lines
+  ("Started a local Ray instance", "Token authentication is enabled") and its workers' output are
+  kept off the terminal (they stay in the session's log files) unless ``DELG_GEO_RAY_LOGS=1``.
 * :func:`plan_workers`: how many actors, and each one's CPUs and GPUs (``num_gpus`` per actor
   where the cluster has GPUs).
 * :func:`shard_runs`: the work cut into shards of consecutive items, never spanning an item an
@@ -80,15 +82,26 @@ def ray_session(opts: RayOptions, log=print):
         return
     if opts.address:
         log(f"connecting to the Ray cluster at {opts.address}")
-        ray.init(address=opts.address, log_to_driver=False)
+        ray.init(address=opts.address, **ray_log_options())
     else:
         n = opts.num_cpus or os.cpu_count() or 1
         log(f"starting a local Ray cluster with {n} CPUs (workers' logs: {WORKER_LOGS})")
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=n, include_dashboard=False, **ray_log_options())
     try:
         yield ray
     finally:
         ray.shutdown()  # stops a local cluster; only disconnects from a remote one
+
+
+def ray_log_options() -> dict:
+    """``ray.init`` options for its logging: errors only on the terminal, the workers' output
+    left in their log files; with ``DELG_GEO_RAY_LOGS=1`` Ray's own defaults (INFO, and the
+    workers' output forwarded)."""
+    import logging
+
+    if os.environ.get("DELG_GEO_RAY_LOGS", "").strip().lower() in ("1", "true", "yes"):
+        return dict(log_to_driver=True, logging_level=logging.INFO)
+    return dict(log_to_driver=False, logging_level=logging.ERROR)
 
 
 def check_shared(host: str, must_exist: list[tuple[str | None, str]]) -> None:

@@ -25,7 +25,6 @@ later stage is the same code.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +34,7 @@ import pandas as pd
 
 from delg_geo.core.progress import progress_bar as _bar
 from delg_geo.core.errors import DelgGeoError
-from delg_geo.core.jsonio import json_default
+from delg_geo.core.jsonio import dumps as json_dumps
 from delg_geo.evaluation.metrics import DEFAULT_RADII_KM, MethodSummary, error_cdf_png, format_table, radius_key, summarize
 from delg_geo.core.geo import haversine_km, weighted_centroid
 from delg_geo.evaluation.candidates import QueryCandidates, query_candidates, save_candidates  # noqa: F401 (public here too)
@@ -55,6 +54,21 @@ class BenchConfig:
     hybrid_cells: int = 3
     map: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        """Refuse settings that would fail only after every query has run: radii must be
+        positive, finite km; counts whole numbers (top_k at least 1)."""
+        import math
+
+        from delg_geo.core.errors import InvalidArgumentError
+
+        bad = [r for r in self.radii_km if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0)]
+        if bad or not self.radii_km:
+            raise InvalidArgumentError(f"radii_km must be positive distances in km, got {list(self.radii_km)}")
+        for name, low in (("top_k", 1), ("sift_top_k", 1), ("hybrid_cells", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < low:
+                raise InvalidArgumentError(f"{name} must be a whole number of at least {low}, got {v!r}")
 
 
 @dataclass
@@ -284,7 +298,7 @@ def _report(run: _Run, failed: list, skipped: list) -> tuple[pd.DataFrame, dict]
         reliability = reliability_report(conf, errors_by_method["verified"] <= radius, radius)
         summary["calibration"] = dict(method="verified", calibrated=run.geo.calibration is not None,
                                       rule=run.geo.rule.to_dict(), **reliability.to_dict())
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=json_default))
+    (out_dir / "summary.json").write_text(json_dumps(summary, indent=2))
     lines = [f"# delg-geo benchmark: {n} queries", "", format_table(summaries, cfg.radii_km), ""]
     if reliability is not None:
         from delg_geo.retrieval.confidence import format_radius
@@ -362,8 +376,11 @@ def train_index_classifier(index_dir, t1: int | None = None, t2: int | None = No
     ``out`` (default: the index's ``classifier/`` folder)."""
     from delg_geo.evaluation.cells import build_partition, default_thresholds
     from delg_geo.evaluation.classifier import train_classifier
+    from delg_geo.core.errors import InvalidArgumentError
     from delg_geo.index.geo_index import GeoIndex
 
+    if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+        raise InvalidArgumentError(f"epochs must be a whole number of at least 1, got {epochs!r}")
     index = GeoIndex(index_dir, device="cpu")
     lats, lons = index.lats, index.lons
     dt1, dt2 = default_thresholds(lats, lons)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delg_geo.core.jsonio import dumps as json_dumps
 from delg_geo.evaluation.cells import Partition
 from delg_geo.core.geo import haversine_km
 
@@ -136,7 +137,7 @@ class CellClassifier:
             t2=self.partition.t2,
             weights=sorted(self.weights),
         )
-        (directory / "classifier.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (directory / "classifier.json").write_text(json_dumps(meta, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         return directory
 
     @classmethod

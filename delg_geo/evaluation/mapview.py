@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from delg_geo.core.jsonio import json_default
+from delg_geo.core.jsonio import dumps as json_dumps
 
 #: Error bands (km) of the usual geolocation accuracy levels, with the colours of the bench map.
 ERROR_BANDS: tuple[tuple[float, str, str], ...] = (
@@ -152,7 +152,7 @@ def reference_path(index, i: int) -> Path | None:
 
 def _json_for_html(obj: Any) -> str:
     """JSON that can sit inside ``<script type="application/json">``."""
-    return json.dumps(obj, separators=(",", ":"), default=json_default).replace("</", "<\\/")
+    return json_dumps(obj, separators=(",", ":")).replace("</", "<\\/")
 
 
 def _asset(name: str) -> str:

@@ -32,8 +32,21 @@ def _number(value) -> float:
         return float("nan")
 
 
+def _dms_problem(value) -> str:
+    """Why an EXIF GPS (degrees, minutes, seconds) triple is not a valid angle, or "": minutes
+    and seconds must lie in [0, 60) (45 degrees 90 minutes is not 46.5 degrees)."""
+    if not isinstance(value, (tuple, list)) or len(value) < 2:
+        return ""
+    for part, unit in zip(list(value)[1:3], ("minutes", "seconds")):
+        v = _number(part)
+        if math.isfinite(v) and v >= 60:
+            return f"{unit} {v:g} (must be under 60)"
+    return ""
+
+
 def _degrees(value) -> float:
-    """EXIF GPS coordinate (degrees, minutes, seconds rationals, or fewer parts) to degrees."""
+    """EXIF GPS coordinate (degrees, minutes, seconds rationals, or fewer parts) to degrees;
+    NaN when a part is not a number, negative, or minutes/seconds are 60 or more."""
     if isinstance(value, (tuple, list)):
         parts = [_number(v) for v in value]
     else:
@@ -43,6 +56,8 @@ def _degrees(value) -> float:
     if any(not math.isfinite(p) for p in parts):
         return float("nan")
     if len(parts) > 1 and any(p < 0 for p in parts):
+        return float("nan")
+    if _dms_problem(value):
         return float("nan")
     deg = 0.0
     for p, div in zip(parts, (1.0, 60.0, 3600.0)):
@@ -83,6 +98,10 @@ def read_exif_gps_reason(path) -> tuple[tuple[float, float] | None, str]:
     lat_ref, lon_ref = _text(gps.get(_LAT_REF, "")), _text(gps.get(_LON_REF, ""))
     if lat_ref[:1] not in ("N", "S") or lon_ref[:1] not in ("E", "W"):
         return None, f"EXIF GPS reference missing or invalid (lat {lat_ref!r}, lon {lon_ref!r})"
+    for key, name in ((_LAT, "latitude"), (_LON, "longitude")):
+        why = _dms_problem(gps[key])
+        if why:
+            return None, f"EXIF GPS {name} is not a valid angle: {why}"
     lat, lon = _degrees(gps[_LAT]), _degrees(gps[_LON])
     if not (math.isfinite(lat) and math.isfinite(lon)):
         return None, "EXIF GPS coordinates are not valid numbers"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -121,8 +121,13 @@ def iter_extract(
             batches = [
                 members[k : k + batch_size] for members in by_size.values() for k in range(0, len(members), batch_size)
             ]
-            futures = [net.submit(_run_part, extractor, [decoded[j][0] for j in part], [paths[chunk[j]] for j in part]) for part in batches]
-            for part, fut in zip(batches, futures):
+            futures = {net.submit(_run_part, extractor, [decoded[j][0] for j in part], [paths[chunk[j]] for j in part]): part
+                       for part in batches}
+            if bar is not None and len(results):
+                bar.update(len(results))  # images that could not be decoded are done
+            pos = 0  # results are yielded in input order, as soon as every earlier one is ready
+            for fut in as_completed(futures):
+                part = futures[fut]
                 feats, errors, seconds = fut.result()
                 share = seconds / len(part)
                 for j, f, err in zip(part, feats, errors):
@@ -131,9 +136,12 @@ def iter_extract(
                     if why:  # never index (or answer from) an image the network could not describe
                         f, err = None, f"{paths[i]}: {why}"
                     results[i] = ExtractResult(i, paths[i], f, err, share + decoded[j][2])
-            for i in chunk:
                 if bar is not None:
-                    bar.update(1)
+                    bar.update(len(part))  # the bar moves as each batch is done, not once per window
+                while pos < len(chunk) and chunk[pos] in results:
+                    yield results[chunk[pos]]
+                    pos += 1
+            for i in chunk[pos:]:
                 yield results[i]
     if bar is not None:
         bar.close()

@@ -84,6 +84,12 @@ def too_small_message(size: tuple[int, int], min_side: int) -> str:
             "pixels are needed on the shorter side)")
 
 
+def too_elongated_message(size: tuple[int, int], max_side: int, min_side: int) -> str:
+    short = min(size) * max_side / float(max(size))
+    return (f"image too elongated to describe ({size[0]}x{size[1]} pixels: downsized to {max_side} pixels on "
+            f"the longer side, the shorter side would be {short:.0f} pixels; at least {min_side} are needed)")
+
+
 @dataclass
 class LoadedImage:
     """An RGB uint8 array, possibly downscaled, and the size of the original image.
@@ -100,66 +106,113 @@ class LoadedImage:
         return self.array.shape[1] / float(self.original_size[0])
 
 
+#: What :func:`load_image` (and ``Geolocator.locate``) accepts, for the message that refuses the rest.
+ACCEPTED_SOURCES = ("a file path (str or pathlib.Path), bytes, bytearray or memoryview of an encoded image, "
+                    "a binary file object, a PIL image, or a numpy uint8/uint16 array (H x W, H x W x 3 or H x W x 4)")
+
+
+def source_name(source) -> str:
+    """A short label for an image source: the path for a path, the file object's name, or
+    ``<bytes>``, ``<array>``, ``<PIL image>`` (never the data itself)."""
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(source, np.ndarray):
+        return "<array>"
+    if isinstance(source, Image.Image):
+        return "<PIL image>"
+    name = getattr(source, "name", None) if hasattr(source, "read") else None
+    if isinstance(name, str) and name:
+        return name
+    return "<file object>" if hasattr(source, "read") else "<None>" if source is None else f"<{type(source).__name__}>"
+
+
+def _open_source(source, name: str):
+    """A binary file handle for ``source`` (a path, bytes-like data or a file object), or a PIL
+    image for an in-memory image (a PIL image or an array). Raises ImageLoadError."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _array_image(source, name)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if len(data) == 0:
+            raise ImageLoadError(name, "empty file (0 bytes)")
+        return io.BytesIO(data)
+    if hasattr(source, "read") and not isinstance(source, (str, Path)):
+        try:
+            data = source.read()
+        except (OSError, ValueError) as e:
+            raise ImageLoadError(name, f"cannot read the file object ({_short(e)})") from None
+        if isinstance(data, str):
+            raise ImageLoadError(name, "the file object is open in text mode; open it with 'rb'")
+        if not data:
+            raise ImageLoadError(name, "empty file (0 bytes)")
+        return io.BytesIO(bytes(data))
+    if not isinstance(source, (str, Path)):
+        what = "None" if source is None else f"an object of type {type(source).__name__}"
+        raise ImageLoadError(name, f"cannot read an image from {what}; give {ACCEPTED_SOURCES}")
+    if not str(source).strip():
+        raise ImageLoadError("''", "empty path; give the path of an image file")
+    p = Path(source)
+    if not p.exists():
+        raise ImageLoadError(name, "file not found")
+    if p.is_dir():
+        raise ImageLoadError(name, "is a directory, not an image")
+    if p.stat().st_size == 0:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    return open(p, "rb")
+
+
+def _array_image(a: np.ndarray, name: str) -> Image.Image:
+    """A PIL image of a uint8/uint16 array (H x W, H x W x 1, 3 or 4 channels)."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageLoadError(name, f"an array of shape {a.shape} is not an image; expected H x W, H x W x 3 (RGB) "
+                                   "or H x W x 4 (RGBA)")
+    if a.dtype == np.uint16 and a.ndim == 2:  # 16-bit grey (mode I;16): scaled to 0-255 by _to_rgb
+        return Image.fromarray(np.ascontiguousarray(a))
+    if a.dtype != np.uint8:
+        raise ImageLoadError(name, f"an array of dtype {a.dtype} is not an image; expected uint8 values 0-255 "
+                                   "(for floats in 0-1: (a * 255).astype('uint8'))")
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
 def load_image(
-    source: str | Path | bytes,
+    source,
     max_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     min_side: int | None = None,
 ) -> LoadedImage:
-    """Decode ``source`` (a path or raw bytes) to RGB.
+    """Decode ``source`` to RGB: a path, the bytes of an encoded image (bytes, bytearray,
+    memoryview), a binary file object, a PIL image or a numpy uint8/uint16 array
+    (:data:`ACCEPTED_SOURCES`; anything else is refused with that list).
 
-    The EXIF orientation is applied; grayscale, CMYK, palette, RGBA, PNG, WebP and HEIC are
+    The EXIF orientation is applied; grayscale, 16-bit, CMYK, palette, RGBA, PNG, WebP and HEIC are
     accepted. ``max_side`` downsizes so the longest side is at most that many pixels (aspect
     kept), so memory stays bounded whatever the upload. ``min_side`` refuses images whose
-    shorter side is smaller (too small to describe). Raises :class:`ImageLoadError` naming the
-    file for anything that is not a readable image: an empty file, a named unsupported format
-    (HEIC without pillow-heif, PDF, video, ...), over the pixel cap, truncated.
+    shorter side is smaller (too small to describe), before and after that downsizing (a
+    20000 x 40 strip would be 1024 x 2). Raises :class:`ImageLoadError` naming the source for
+    anything that is not a readable image: an empty file, a named unsupported format (HEIC
+    without pillow-heif, PDF, video, ...), over the pixel cap, truncated.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    name = source_name(source)
     try:
-        if isinstance(source, (bytes, bytearray)):
-            if len(source) == 0:
-                raise ImageLoadError(name, "empty file (0 bytes)")
-            fh = io.BytesIO(source)
+        fh = _open_source(source, name)
+        if isinstance(fh, Image.Image):
+            arr, orig = _decode(fh, name, max_side, max_pixels, min_side, from_file=False)
         else:
-            p = Path(source)
-            if not p.exists():
-                raise ImageLoadError(name, "file not found")
-            if p.is_dir():
-                raise ImageLoadError(name, "is a directory, not an image")
-            if p.stat().st_size == 0:
-                raise ImageLoadError(name, "empty file (0 bytes)")
-            fh = open(p, "rb")
-        with fh:
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error", Image.DecompressionBombWarning)
-                    img = Image.open(fh)
-            except UnidentifiedImageError:
-                fh.seek(0)
-                raise ImageLoadError(name, _unidentified_reason(fh.read(32))) from None
-            w, h = img.size
-            if w <= 0 or h <= 0:
-                raise ImageLoadError(name, "image has no pixels")
-            if w * h > max_pixels:
-                raise ImageLoadError(name, too_large_message(w * h, max_pixels))
-            if min_side and min(w, h) < min_side:
-                raise ImageLoadError(name, too_small_message((w, h), min_side))
-            if max_side and img.format == "JPEG":
-                # Let libjpeg decode at a reduced size when far larger than needed (fast, exact-enough).
-                img.draft("RGB", (max_side, max_side))
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            # Original size after orientation; draft() may have shrunk the decode by 2^k.
-            ow, oh = (h, w) if _swaps_axes(img, w, h) else (w, h)
-            img = _to_rgb(img)
-            if max_side and max(img.size) > max_side:
-                f = max_side / float(max(img.size))
-                img = img.resize(
-                    (max(1, round(img.size[0] * f)), max(1, round(img.size[1] * f))),
-                    Image.BILINEAR,
-                )
-            arr = np.asarray(img, dtype=np.uint8)
+            with fh:
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("error", Image.DecompressionBombWarning)
+                        img = Image.open(fh)
+                except UnidentifiedImageError:
+                    fh.seek(0)
+                    raise ImageLoadError(name, _unidentified_reason(fh.read(32))) from None
+                arr, orig = _decode(img, name, max_side, max_pixels, min_side, from_file=True)
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -171,7 +224,36 @@ def load_image(
         raise ImageLoadError(name, f"unreadable or truncated image ({_short(e)})") from None
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ImageLoadError(name, f"unexpected decoded shape {arr.shape}")
-    return LoadedImage(np.ascontiguousarray(arr), (int(ow), int(oh)), name)
+    return LoadedImage(np.ascontiguousarray(arr), orig, name)
+
+
+def _decode(img: Image.Image, name: str, max_side, max_pixels, min_side, from_file: bool):
+    """(RGB uint8 array, original (width, height)) of an opened image: size checks, EXIF
+    orientation, RGB, downsizing to ``max_side``."""
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ImageLoadError(name, "image has no pixels")
+    if w * h > max_pixels:
+        raise ImageLoadError(name, too_large_message(w * h, max_pixels))
+    if min_side and min(w, h) < min_side:
+        raise ImageLoadError(name, too_small_message((w, h), min_side))
+    if max_side and min_side and min(w, h) * max_side / float(max(w, h)) < min_side and max(w, h) > max_side:
+        raise ImageLoadError(name, too_elongated_message((w, h), max_side, min_side))
+    if from_file and max_side and img.format == "JPEG":
+        # Let libjpeg decode at a reduced size when far larger than needed (fast, exact-enough).
+        img.draft("RGB", (max_side, max_side))
+    img.load()
+    img = ImageOps.exif_transpose(img)
+    # Original size after orientation; draft() may have shrunk the decode by 2^k.
+    ow, oh = (h, w) if _swaps_axes(img, w, h) else (w, h)
+    img = _to_rgb(img)
+    if max_side and max(img.size) > max_side:
+        f = max_side / float(max(img.size))
+        img = img.resize(
+            (max(1, round(img.size[0] * f)), max(1, round(img.size[1] * f))),
+            Image.BILINEAR,
+        )
+    return np.asarray(img, dtype=np.uint8), (int(ow), int(oh))
 
 
 def _swaps_axes(img: Image.Image, w: int, h: int) -> bool:

@@ -65,6 +65,7 @@ class Manifest:
     whitening: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # name -> size in bytes, checked on load
     checksums: dict = field(default_factory=dict)  # name -> "xxh3_128:hex" (see delg_geo.index.integrity)
+    stamps: dict = field(default_factory=dict)  # name -> digest of the build id and sampled blocks (crosscheck.py)
     skipped: list = field(default_factory=list)  # [{"row", "image", "reason"}]
     sources: list = field(default_factory=list)  # how each batch of images came in
     versions: dict = field(default_factory=dict)
@@ -79,16 +80,24 @@ class Manifest:
     confidence_radius_km: float = 0.1
     calibration: dict = field(default_factory=dict)  # calibration.json: size, rule, fit summary
     asmk: dict = field(default_factory=dict)  # the local-feature inverted file (asmk.py), when built
+    adapt: dict = field(default_factory=dict)  # `index adapt`: the learned weights' file, digest and recipe
 
     @property
     def num_skipped(self) -> int:
         return len(self.skipped)
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        from delg_geo.core.jsonio import dumps
+
+        return dumps(asdict(self), indent=2, sort_keys=False)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict, where: str | Path = MANIFEST) -> "Manifest":
+        """The manifest ``d`` (parsed JSON), once its schema is checked (``manifest_schema``:
+        :class:`IndexFormatError` naming ``where`` and the field); unknown fields are ignored."""
+        from delg_geo.index.manifest_schema import check_manifest
+
+        check_manifest(d, where)
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -136,37 +145,52 @@ def write_atomic(path: Path, data: bytes | str) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(index_dir: str | Path) -> Manifest:
+def load_manifest(index_dir: str | Path) -> Manifest:
+    """The index's manifest, parsed and checked against its schema, without looking at the files it
+    lists (:func:`read_manifest` does); :class:`IndexFormatError` when there is none or it is unusable."""
     index_dir = Path(index_dir)
     if not index_dir.exists():
         raise IndexFormatError(f"index not found: {index_dir} (build one with `delg-geo index build`)")
+    if not index_dir.is_dir():
+        raise IndexFormatError(f"{index_dir} is a file, not an index folder")
     mpath = index_dir / MANIFEST
+    if mpath.is_dir():
+        raise IndexFormatError(f"damaged index {index_dir}: {MANIFEST} is a folder, not a file; restore it from a "
+                               "backup, or rebuild the index")
     if not mpath.exists():
         hint = (
             "an interrupted build? finish it with `delg-geo index build ... --resume`"
             if (index_dir / ".building").exists() or (index_dir / ".staging").exists()
+            else "an interrupted adapt? finish it with `delg-geo index adapt --index DIR`"
+            if (index_dir / ".adapt" / "next" / MANIFEST).exists()
             else "is this a delg-geo index folder?"
         )
         raise IndexFormatError(f"{index_dir} is not a complete index: no {MANIFEST} ({hint})")
     try:
-        m = Manifest.from_dict(json.loads(mpath.read_text()))
-    except (ValueError, TypeError) as e:
-        raise IndexFormatError(f"{mpath}: corrupt manifest ({e})") from None
+        d = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise IndexFormatError(f"{mpath}: corrupt manifest ({e}); restore it from a backup, or rebuild the index") from None
+    m = Manifest.from_dict(d, mpath)
     if m.format_version not in READABLE_FORMATS:
         raise IndexFormatError(
             f"{index_dir}: index format {m.format_version} is not one this delg-geo reads "
             f"({', '.join(map(str, READABLE_FORMATS))}); "
             + ("upgrade delg-geo" if m.format_version > FORMAT_VERSION else "rebuild the index")
         )
+    return m
+
+
+def read_manifest(index_dir: str | Path) -> Manifest:
+    """The index's manifest (:func:`load_manifest`), once every file it lists is there, inside the
+    index folder, with the size it records."""
+    m = load_manifest(index_dir)
+    index_dir = Path(index_dir)
     for name, size in m.files.items():
-        p = index_dir / name
-        if not p.exists():
+        why = file_problem(index_dir, name, size, None)
+        if why == "missing":
             raise IndexFormatError(f"{index_dir}: {name} is missing; the index is damaged, rebuild it")
-        if p.stat().st_size != size:
-            raise IndexFormatError(
-                f"{index_dir}: {name} has {p.stat().st_size} bytes, the manifest says {size}; "
-                "the index is damaged or was modified, rebuild it"
-            )
+        if why:
+            raise IndexFormatError(f"{index_dir}: {name} {why}; the index is damaged or was modified, rebuild it")
     return m
 
 
@@ -275,6 +299,12 @@ class GeoIndex:
     """
 
     def __init__(self, index_dir: str | Path, device: str = "auto", check_files: bool = True):
+        from delg_geo.index.lock import reading
+
+        with reading(index_dir):  # a writer moving new files in waits, and we wait for it
+            self._open(index_dir, device, check_files)
+
+    def _open(self, index_dir: str | Path, device: str, check_files: bool) -> None:
         import faiss
 
         from delg_geo.index.store import LegacyLocalStore, LocalStore
@@ -284,7 +314,8 @@ class GeoIndex:
         self.manifest = m = read_manifest(self.path)
         if check_files:
             for name, size in m.files.items():
-                why = file_problem(self.path, name, size, m.checksums.get(name), full=False)
+                why = file_problem(self.path, name, size, m.checksums.get(name), full=False, stamp=m.stamps.get(name),
+                                   build_id=m.build_id)
                 if why:
                     raise IndexFormatError(damaged_message(self.path, name, why))
         self.refine = 0
@@ -346,7 +377,14 @@ class GeoIndex:
                 raise
             except Exception as e:  # noqa: BLE001
                 raise IndexFormatError(f"{self.path}: cannot read the ASMK inverted file ({e}); rebuild the index") from None
+        from delg_geo.index.crosscheck import index_problem
+
         self._norm_ref: float | None = None
+        why = index_problem(self, cpu_index)  # files from another index, where no checksum was read
+        if why:
+            raise IndexFormatError(damaged_message(self.path, *why))
+        #: files without a recorded checksum (an index built before delg-geo recorded them)
+        self.unchecked = sorted(set(m.files) - set(m.checksums))
         self.faiss_index, self.device = (cpu_index, "cpu") if device == "cpu" else to_device(cpu_index)
 
     def __len__(self) -> int:

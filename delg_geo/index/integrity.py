@@ -48,14 +48,29 @@ def file_checksum(path: str | Path, algo: str = CHECKSUM_ALGO) -> str:
     return f"{algo}:{h.hexdigest()}"
 
 
-def file_problem(index_dir: Path, name: str, size: int | None, checksum: str | None, full: bool = True) -> str | None:
-    """Why file ``name`` of the index does not match the manifest, or None. ``full=False`` skips
-    the checksum of files larger than :data:`CHEAP_CHECK_BYTES` (``metadata.csv`` is always
-    summed)."""
+def file_problem(index_dir: Path, name: str, size: int | None, checksum: str | None, full: bool = True,
+                 stamp: str | None = None, build_id: str = "") -> str | None:
+    """Why file ``name`` of the index does not match the manifest, or None: missing, not a plain
+    file inside the index folder, another size, or content that does not match its checksum.
+    ``full=False`` skips the checksum of files larger than :data:`CHEAP_CHECK_BYTES`
+    (``metadata.csv`` is always summed); their ``stamp`` (``crosscheck.file_stamp`` of
+    ``build_id``), when recorded, is checked instead."""
+    from delg_geo.index.manifest_schema import describe, name_problem, outside_problem, whole
+
+    why = name_problem(name)
+    if why:
+        return why
     p = Path(index_dir) / name
+    why = outside_problem(index_dir, name)
+    if why:
+        return why
     if not p.exists():
         return "missing"
+    if not p.is_file():
+        return "is not a file"
     actual = p.stat().st_size
+    if size is not None and not whole(size):
+        return f"has {actual} bytes, and the manifest records {describe(size)}, not a number of bytes"
     if size is not None and actual != size:
         return f"has {actual} bytes, the manifest says {size}"
     if checksum and (full or name == "metadata.csv" or actual <= CHEAP_CHECK_BYTES):
@@ -63,6 +78,11 @@ def file_problem(index_dir: Path, name: str, size: int | None, checksum: str | N
         got = file_checksum(p, algo)
         if got != checksum:
             return f"content does not match its checksum ({algo})"
+    elif stamp:
+        from delg_geo.index.crosscheck import file_stamp
+
+        if file_stamp(p, build_id) != stamp:
+            return "content does not match its stamp (sampled blocks): a file from another build, or damaged"
     return None
 
 

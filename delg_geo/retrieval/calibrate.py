@@ -312,7 +312,17 @@ def calibrate_index(
     self_queries: SelfQueries | None = None, log=None,
 ) -> Calibration:
     """Fit the index's calibration on its own photos and store it (``calibration.json``, listed
-    in the manifest). ``radius_km`` defaults to the manifest's ``confidence_radius_km``."""
+    in the manifest). ``radius_km`` defaults to the manifest's ``confidence_radius_km``. Holds the
+    index's writer lock (:mod:`delg_geo.index.lock`) throughout."""
+    from delg_geo.index.lock import storage_errors, writer_lock
+
+    with storage_errors(index_dir, resumable=False), writer_lock(index_dir, "delg-geo index calibrate"):
+        return _calibrate(index_dir, sample, radius_km, top_k, local_top_k, leave_out, tune, seed, workers, progress,
+                          self_queries, log)
+
+
+def _calibrate(index_dir, sample, radius_km, top_k, local_top_k, leave_out, tune, seed, workers, progress, self_queries,
+               log) -> Calibration:
     import time
 
     from delg_geo.index.geo_index import GeoIndex

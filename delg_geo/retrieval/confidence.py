@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from delg_geo.core.errors import DelgGeoError
+from delg_geo.core.jsonio import dumps as json_dumps
 from delg_geo.retrieval.decision import EVIDENCE, EVIDENCE_SIGNS, DecisionRule
 from delg_geo.retrieval.monotone import IsotonicMap, LogisticMap, fit_isotonic, fit_logistic
 
@@ -105,7 +106,7 @@ class Calibration:
     def save(self, path) -> None:
         from delg_geo.index.geo_index import write_atomic
 
-        write_atomic(Path(path), json.dumps(self.to_dict(), indent=2, default=_json_number))
+        write_atomic(Path(path), json_dumps(self.to_dict(), indent=2, default=_json_number))
 
     @classmethod
     def load(cls, path) -> "Calibration":

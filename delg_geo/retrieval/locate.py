@@ -29,10 +29,11 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from delg_geo.core.errors import DelgGeoError, ImageLoadError, IndexFormatError
+from delg_geo.core.errors import DelgGeoError, ImageLoadError, IndexFormatError, InvalidArgumentError
 from delg_geo.features.base import Features
 from delg_geo.core.geo import haversine_km
 from delg_geo.features.images import LoadedImage, load_image
+from delg_geo.features.extract import min_image_side
 from delg_geo.index.geo_index import GeoIndex
 from delg_geo.retrieval.search import shortlist
 from delg_geo.retrieval.verify import VERIFY_DEFAULTS, VerifyConfig, verify_pair
@@ -59,8 +60,19 @@ class LocateConfig:
     calibrated: bool = True  # use the index's calibration (decision rule and confidence) when it has one
 
     def __post_init__(self):
-        if int(self.top_k) < 1:
-            raise ValueError(f"top_k must be at least 1, got {self.top_k}")
+        """Refuse values that would fail later with a cryptic message (``top_k="5"``: "slice
+        indices must be integers"): counts must be whole numbers, ``top_k`` at least 1."""
+        for name, low in (("top_k", 1), ("local_top_k", 0), ("num_alternatives", 0), ("workers", 1)):
+            v = getattr(self, name)
+            if v is None and name == "local_top_k":
+                continue
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise InvalidArgumentError(f"{name} must be a whole number, got {v!r} ({type(v).__name__})")
+            if v < low:
+                raise InvalidArgumentError(f"{name} must be at least {low}, got {v}")
+            object.__setattr__(self, name, int(v))
+        if self.fallback not in ("knn", "global"):
+            raise InvalidArgumentError(f"fallback must be 'knn' or 'global', got {self.fallback!r}")
 
 
 @dataclass
@@ -106,6 +118,19 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def extract_one(extractor, img: LoadedImage, label: str) -> Features:
+    """``extractor.extract(img)``; a failure of the network on this image (an aspect it cannot
+    take, ...) becomes an :class:`ImageLoadError` naming ``label``, as ``index build`` lists it."""
+    try:
+        return extractor.extract(img)
+    except DelgGeoError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - TensorFlow's errors share no base class with ValueError
+        raise ImageLoadError(label, f"feature extraction failed ({type(e).__name__}: {e})") from None
 
 
 def _confidence(inliers: int, min_inliers: int) -> float:
@@ -187,6 +212,12 @@ class Geolocator:
                 if k in cfg:
                     cfg[k] = tuple(cfg[k])
             options["config"] = LiteDelgConfig(**cfg)
+        if name == m.model_id and m.adapt:  # an adapted index: its weights (checked) give the global descriptor
+            from delg_geo.index.adapted_file import load_adapted
+
+            weights = load_adapted(index.path, m)
+            if weights.kind == "finetune":
+                options["adapted"] = weights
         # local features: the index's choice (and settings) unless the caller names another
         local = local or m.local_features
         if local != "delg" and local == m.local_features:
@@ -197,30 +228,40 @@ class Geolocator:
         return cls(index, extractor, config)
 
     # -- main entry points --------------------------------------------------------------------
-    def locate(self, image: str | Path | bytes | LoadedImage, name: str | None = None) -> Prediction:
-        from delg_geo.features.extract import min_image_side
+    def locate(self, image, name: str | None = None) -> Prediction:
+        """Locate one photo: a path, the bytes of an encoded image (bytes, bytearray,
+        memoryview), a binary file object, a PIL image, a numpy uint8 array or a
+        :class:`LoadedImage` (:func:`~delg_geo.features.images.load_image`). ``name`` labels the
+        answer (default: the path, or ``<bytes>``, ``<array>``, ...; never the data itself).
+        Raises :class:`ImageLoadError` for an input that is no usable image, with the reason."""
         from delg_geo.features.base import features_problem
 
         t0 = time.perf_counter()
         img = image if isinstance(image, LoadedImage) else load_image(
             image, max_side=self.extractor.max_side, min_side=min_image_side(self.extractor))
-        feats = self.extractor.extract(img)
+        label = str(name or img.path or "<image>")
+        feats = extract_one(self.extractor, img, label)
         why = features_problem(feats)
         if why:
-            raise ImageLoadError(name or img.path or "<image>", why)
+            raise ImageLoadError(label, why)
         t_extract = (time.perf_counter() - t0) * 1e3
-        label = name or (img.path if isinstance(image, LoadedImage) else str(image) if not isinstance(image, bytes) else "<bytes>")
         return self.locate_features(feats, label, extract_ms=t_extract)
 
     def locate_many(self, paths: Iterable[str | Path], progress: bool = False) -> Iterator[Prediction | ImageLoadError]:
         """Batched extraction, then search and verification per query; errors are yielded, not raised."""
+        for pred, _ in self.locate_many_with_features(paths, progress):
+            yield pred
+
+    def locate_many_with_features(self, paths: Iterable[str | Path], progress: bool = False):
+        """As :meth:`locate_many`, yielding ``(prediction or error, the query's Features or None)``:
+        what a match picture needs to show the very verification the answer came from."""
         from delg_geo.features.extract import iter_extract
 
         for res in iter_extract(list(paths), self.extractor, progress="query" if progress else False):
             if not res.ok:
-                yield ImageLoadError(res.path, res.error.split(": ", 1)[-1] if res.error else "failed")
+                yield ImageLoadError(res.path, res.error.split(": ", 1)[-1] if res.error else "failed"), None
                 continue
-            yield self.locate_features(res.features, res.path, extract_ms=res.seconds * 1e3)
+            yield self.locate_features(res.features, res.path, extract_ms=res.seconds * 1e3), res.features
 
     def locate_features(self, feats: Features, label: str = "", extract_ms: float = 0.0) -> Prediction:
         cfg = self.config
@@ -293,8 +334,11 @@ class Geolocator:
         bid = int(ids[best])
         method, note = ("verified", "") if verified else ("global", "")
         if not verified:
-            why = (f"no candidate reached {rule.min_inliers} inliers (best {int(inliers.max(initial=0))})"
-                   if cfg.verify else "verification disabled")
+            top = int(np.argmax(inliers)) if len(inliers) else 0
+            why = (f"no candidate reached {rule.min_inliers} inliers (the most: {int(inliers[top])}, "
+                   f"{self.index.image_name(int(ids[top]))})" if cfg.verify and len(inliers) and inliers[top] > 0
+                   else f"no candidate reached {rule.min_inliers} inliers (none had any)" if cfg.verify
+                   else "verification disabled")
             how = (f"a kernel-density vote over the global top-{len(ids)}" if np.isfinite(d.knn_score)
                    else "the global top-1")
             note = f"{why}; answered with {how}"

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from delg_geo.core.errors import MetadataError
+from delg_geo.core.geo import parse_decimal
 
 
 #: File name extensions treated as images (case-insensitive).
@@ -70,10 +71,10 @@ def _parse_coord(value, name: str, limit: float) -> tuple[float | None, str]:
     s = "" if value is None else str(value).strip()
     if not s:
         return None, f"missing {name}"
-    try:
-        v = float(s)
+    try:  # strict: Python's float() would read "4_5.5" as 45.5
+        v = parse_decimal(s)
     except ValueError:
-        return None, f"{name} {s!r} is not a number"
+        return None, f"{name} {s!r} is not a number (expected plain decimal notation, e.g. 45.4371)"
     if math.isnan(v):
         return None, f"{name} is NaN"
     if math.isinf(v):
@@ -149,17 +150,61 @@ def _open_text(path: Path):
     return io.TextIOWrapper(raw, encoding="utf-8-sig", errors="replace", newline=None)
 
 
+_BINARY_MAGIC = (
+    (b"\xff\xd8\xff", "a JPEG image"),
+    (b"\x89PNG", "a PNG image"),
+    (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+    (b"PK\x03\x04", "a ZIP archive; unzip it and pass the CSV inside"),
+    (b"7z\xbc\xaf", "a 7-Zip archive"),
+    (b"Rar!", "a RAR archive"),
+)
+
+
+def not_text_reason(path: Path, line: str) -> str:
+    """Why ``path``, whose first line (decoded) is ``line``, is not a text table, or "".
+
+    Known binary formats are named from the file's first bytes (JPEG, PNG, ZIP, PDF, ...);
+    otherwise NUL or other control characters in the first line mark binary data.
+    """
+    from delg_geo.features.images import sniff_format
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        head = b""
+    for magic, what in _BINARY_MAGIC:
+        if head.startswith(magic):
+            return what
+    kind = sniff_format(head)
+    if kind is not None and kind != "a gzip archive":  # gzip is read (a compressed CSV)
+        return kind
+    if any(ord(c) < 32 and c != "\t" for c in line) or line.count("\ufffd") > 2:
+        return "binary data"
+    return ""
+
+
 def _first_line(path: Path) -> str:
+    """The first non-blank line of a (possibly compressed) text file; MetadataError when the
+    file is missing, unreadable or not text (a JPEG, a ZIP, ...)."""
+    first = ""
     try:
         with _open_text(path) as fh:
             for line in fh:
                 if line.strip():
-                    return line.rstrip("\r\n")
+                    first = line.rstrip("\r\n")
+                    break
     except FileNotFoundError:
         raise MetadataError(f"{path}: metadata file not found") from None
     except (OSError, EOFError, lzma.LZMAError) as exc:
         raise MetadataError(f"{path}: cannot read metadata file ({exc})") from None
-    return ""
+    why = not_text_reason(Path(path), first)
+    if why:
+        raise MetadataError(f"{path}: not a CSV file (it is {why}); expected a text file with a header line "
+                            "such as image,lat,lon")
+    return first
 
 
 def _find_column(header: list[str], aliases: tuple[str, ...]) -> int | None:

@@ -21,6 +21,7 @@ from index_builder.sources.common import (
     _first_line,
     _open_text,
     _parse_latlon,
+    not_text_reason,
     outside_reason,
 )
 
@@ -82,6 +83,10 @@ def iter_csv_rows(csv_path, required, expected: str, delimiter: str = ",", what:
                 if not fields or all(not f.strip() for f in fields):
                     continue
                 if header is None:
+                    why = not_text_reason(Path(csv_path), delimiter.join(fields))
+                    if why:
+                        raise MetadataError(f"{csv_path}: not a CSV file (it is {why}); expected a text file "
+                                            f"with columns {expected}")
                     header = [h.strip() for h in fields]
                     for name, aliases in required:
                         idx = _find_column(header, aliases)

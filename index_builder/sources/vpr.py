@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from delg_geo.core.geo import valid_latlon
+from delg_geo.core.geo import parse_decimal, valid_latlon
 from index_builder.sources.common import (
     GeoRecord,
     IMAGE_EXTENSIONS,
@@ -71,8 +71,9 @@ def utm_to_latlon(
 
 
 def _float_or_none(s: str) -> float | None:
+    """A finite plain decimal number (no underscores: :func:`parse_decimal`), else None."""
     try:
-        v = float(s)
+        v = parse_decimal(s)
     except (TypeError, ValueError):
         return None
     return v if math.isfinite(v) else None

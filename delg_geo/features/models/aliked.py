@@ -196,12 +196,19 @@ class AlikedNet:
         return feats[0, top : top + h, left : left + w], score[0, top : top + h, left : left + w, 0]
 
     def _nms(self, scores):
+        """Radius-r non-maximum suppression of the (H, W) score map, as DKD does it.
+
+        Each (2r+1)x(2r+1) max-pool runs as a [1, k] pool then a [k, 1] pool: the maximum over
+        the square is the maximum of the row maxima, so the result is the same value for value,
+        with 2k comparisons a pixel instead of k^2.
+        """
         import tensorflow as tf
 
         k = 2 * self.config.nms_radius + 1
 
         def pool(m):
-            return tf.nn.max_pool2d(m[None, :, :, None], k, 1, "SAME")[0, :, :, 0]
+            rows = tf.nn.max_pool2d(m[None, :, :, None], [1, k], 1, "SAME")
+            return tf.nn.max_pool2d(rows, [k, 1], 1, "SAME")[0, :, :, 0]
 
         zeros = tf.zeros_like(scores)
         max_mask = scores == pool(scores)

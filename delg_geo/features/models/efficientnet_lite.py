@@ -170,32 +170,14 @@ def build_backbone(
     inp = layers.Input(shape=(None, None, 3), name="rgb")
     x = layers.Rescaling(1.0 / STDDEV_RGB, offset=-MEAN_RGB / STDDEV_RGB, name="normalize")(inp)
 
-    def conv(x, filters, k, stride, name, act=True):
-        x = layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=True, name=name)(x)
-        return layers.ReLU(6.0, name=f"{name}_relu6")(x) if act else x
-
-    x = conv(x, 32, 3, 2, "stem")
+    x = _conv(layers, x, 32, 3, 2, "stem")
     outputs: dict[str, object] = {}
-    idx = 0
-    for repeats, k, stride, expand, cin, cout in STAGES:
-        for r in range(repeats):
-            s = stride if r == 0 else 1
-            c_in = cin if r == 0 else cout
-            shortcut = x
-            h = x
-            if expand != 1:
-                h = conv(h, c_in * expand, 1, 1, f"b{idx}_expand")
-            h = layers.DepthwiseConv2D(k, strides=s, padding="same", use_bias=True, name=f"b{idx}_dw")(h)
-            h = layers.ReLU(6.0, name=f"b{idx}_dw_relu6")(h)
-            h = conv(h, cout, 1, 1, f"b{idx}_project", act=False)
-            if s == 1 and c_in == cout:
-                h = layers.Add(name=f"b{idx}_add")([h, shortcut])
-            x = h
-            for tap, block in TAP_BLOCKS.items():
-                if block == idx:
-                    outputs[tap] = x
-            idx += 1
-    x = conv(x, 1280, 1, 1, "head")
+    for idx, spec in enumerate(block_specs()):
+        x = _block(layers, x, idx, *spec)
+        for tap, block in TAP_BLOCKS.items():
+            if block == idx:
+                outputs[tap] = x
+    x = _conv(layers, x, 1280, 1, 1, "head")
     outputs["head"] = x
     if with_logits:
         pooled = layers.GlobalAveragePooling2D(name="avgpool")(x)
@@ -209,3 +191,59 @@ def build_backbone(
             continue
         layer.set_weights([weights[f"{layer.name}/kernel"], weights[f"{layer.name}/bias"]])
     return LiteBackbone(model=model, taps=names, fingerprint=digest)
+
+
+def block_specs() -> list[tuple[int, int, int, int, int]]:
+    """(kernel, stride, expand, in channels, out channels) of every block, in order."""
+    out = []
+    for repeats, k, stride, expand, cin, cout in STAGES:
+        for r in range(repeats):
+            out.append((k, stride if r == 0 else 1, expand, cin if r == 0 else cout, cout))
+    return out
+
+
+def _conv(layers, x, filters, k, stride, name, act=True):
+    x = layers.Conv2D(filters, k, strides=stride, padding="same", use_bias=True, name=name)(x)
+    return layers.ReLU(6.0, name=f"{name}_relu6")(x) if act else x
+
+
+def _block(layers, x, idx, k, s, expand, c_in, cout):
+    """Inverted-residual block ``idx`` (batch norm folded in, no squeeze-excitation)."""
+    h = x
+    if expand != 1:
+        h = _conv(layers, h, c_in * expand, 1, 1, f"b{idx}_expand")
+    h = layers.DepthwiseConv2D(k, strides=s, padding="same", use_bias=True, name=f"b{idx}_dw")(h)
+    h = layers.ReLU(6.0, name=f"b{idx}_dw_relu6")(h)
+    h = _conv(layers, h, cout, 1, 1, f"b{idx}_project", act=False)
+    if s == 1 and c_in == cout:
+        h = layers.Add(name=f"b{idx}_add")([h, x])
+    return h
+
+
+def tail_layer_names(first_block: int) -> list[str]:
+    """The weighted layers from block ``first_block`` to the head (the part adaptation trains)."""
+    names = []
+    for idx, (_k, _s, expand, _ci, _co) in enumerate(block_specs()):
+        if idx >= first_block:
+            names += ([f"b{idx}_expand"] if expand != 1 else []) + [f"b{idx}_dw", f"b{idx}_project"]
+    return names + ["head"]
+
+
+def build_tail(first_block: int, weights: dict[str, np.ndarray] | None = None):
+    """A Keras model from the input of block ``first_block`` (a stride-16/32 activation map) to the
+    1280-channel head, with ``weights`` (``{layer/kernel|bias}``; default: the ImageNet ones)."""
+    import tensorflow as tf
+
+    if weights is None:
+        weights, _ = converted_weights()
+    layers = tf.keras.layers
+    specs = block_specs()
+    inp = layers.Input(shape=(None, None, specs[first_block][3]), name="tail_in")
+    x = inp
+    for idx in range(first_block, len(specs)):
+        x = _block(layers, x, idx, *specs[idx])
+    x = _conv(layers, x, 1280, 1, 1, "head")
+    model = tf.keras.Model(inp, x, name=f"efficientnet_lite0_tail{first_block}")
+    for name in tail_layer_names(first_block):
+        model.get_layer(name).set_weights([weights[f"{name}/kernel"], weights[f"{name}/bias"]])
+    return model

@@ -49,7 +49,10 @@ class LiteDelgConfig:
 class LiteDelgExtractor:
     """The default extractor (``efficientnet-lite0``)."""
 
-    def __init__(self, config: LiteDelgConfig | None = None, **overrides):
+    def __init__(self, config: LiteDelgConfig | None = None, adapted=None, **overrides):
+        """``adapted``: :class:`~delg_geo.features.models.adapted.AdaptedWeights` of kind
+        ``finetune`` for this model (an adapted index's), which replace the later blocks' weights
+        and GeM's ``p``; the fingerprint then covers them too."""
         import tensorflow as tf
 
         from delg_geo.features.models.efficientnet_lite import TAP_CHANNELS, build_backbone
@@ -72,8 +75,21 @@ class LiteDelgExtractor:
         # so an index refuses queries made with other settings.
         desc = json.dumps({"weights": backbone.fingerprint, "config": cfg.to_dict()}, sort_keys=True)
         self.fingerprint = hashlib.sha256(desc.encode()).hexdigest()
-        spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
+        self.base_fingerprint = self.fingerprint
+        self.adapted = adapted
         p = float(cfg.gem_p)
+        if adapted is not None:
+            from delg_geo.features.models.adapted import adapted_fingerprint, check_base
+
+            if adapted.kind != "finetune":
+                raise ValueError(f"{adapted.kind!r} weights change no layer of the model")
+            check_base(adapted, self.fingerprint)
+            for layer in full.layers:
+                if f"{layer.name}/kernel" in adapted.layers:
+                    layer.set_weights([adapted.layers[f"{layer.name}/kernel"], adapted.layers[f"{layer.name}/bias"]])
+            p = float(adapted.gem_p)
+            self.fingerprint = adapted_fingerprint(self.base_fingerprint, adapted)
+        spec = [tf.TensorSpec([None, None, None, 3], tf.float32)]
 
         def full_fn(x):
             lmap, gmap = full(x, training=False)
