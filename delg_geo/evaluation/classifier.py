@@ -192,8 +192,6 @@ def train_classifier(
     model is trained on the rest. ``hidden > 0`` adds a ReLU layer of that width. Training is
     deterministic for a given seed on a given machine.
     """
-    import keras  # deferred: importing TensorFlow is slow
-
     x = _as_descriptors(descriptors)
     lats = np.asarray(lats, dtype=np.float64).ravel()
     lons = np.asarray(lons, dtype=np.float64).ravel()
@@ -205,52 +203,21 @@ def train_classifier(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
 
+    if isinstance(epochs, bool) or int(epochs) != epochs or epochs < 1:
+        raise ValueError(f"epochs must be a whole number of at least 1, got {epochs!r}")
     labels = partition.assign(lats, lons)
-    if label_smoothing_km is None:
-        tau = None
-        keep = np.flatnonzero(labels >= 0)
-    else:
-        tau = default_smoothing_km(partition) if label_smoothing_km == "auto" else float(label_smoothing_km)
-        if not tau > 0:
-            raise ValueError(f"label_smoothing_km must be > 0, None or 'auto', got {label_smoothing_km!r}")
-        keep = np.arange(len(x))
-    if keep.size == 0:
-        raise ValueError("no training photo falls in a cell of the partition")
-
+    tau, keep, y = _targets(lats, lons, labels, partition, label_smoothing_km, len(x))
     rng = np.random.default_rng(seed)
     keep = rng.permutation(keep)
     n_val = int(round(val_fraction * keep.size)) if keep.size > 1 else 0
     val_idx, train_idx = np.sort(keep[:n_val]), np.sort(keep[n_val:])
 
-    if tau is None:
-        y = np.zeros((len(x), k), dtype=np.float32)
-        y[keep, labels[keep]] = 1.0
-    else:
-        y = smoothed_targets(lats, lons, partition, tau)
-
     xt = x[train_idx]
     mean = xt.mean(axis=0).astype(np.float32)
     scale = np.maximum(xt.std(axis=0), 1e-6).astype(np.float32)
     xs = (x - mean) / scale
-
-    keras.utils.set_random_seed(int(seed))
-    reg = keras.regularizers.L2(l2) if l2 else None
-    inp = keras.Input(shape=(x.shape[1],), name="descriptor")
-    h = keras.layers.Dropout(dropout, seed=seed)(inp) if dropout else inp
-    if hidden:
-        h = keras.layers.Dense(int(hidden), activation="relu", kernel_regularizer=reg, name="hidden")(h)
-        if dropout:
-            h = keras.layers.Dropout(dropout, seed=seed + 1)(h)
-    out = keras.layers.Dense(k, kernel_regularizer=reg, name="logits")(h)
-    model = keras.Model(inp, out)
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
-    )
     t0 = time.perf_counter()
-    history = model.fit(
-        xs[train_idx], y[train_idx], epochs=int(epochs), batch_size=int(batch_size), shuffle=True, verbose=0
-    )
+    model, history = _fit(xs[train_idx], y[train_idx], k, hidden, dropout, l2, learning_rate, batch_size, epochs, seed)
     train_s = time.perf_counter() - t0
 
     weights = {"input/mean": mean, "input/scale": scale}
@@ -289,3 +256,48 @@ def train_classifier(
         "chance_accuracy": float(partition.counts.max() / partition.counts.sum()),
     }
     return clf
+
+
+def _targets(lats, lons, labels, partition: Partition, label_smoothing_km, n: int):
+    """(tau, the photos trained on, their target distributions): one-hot cells, or PIGEON's
+    haversine smoothing with ``tau`` km."""
+    k = len(partition)
+    if label_smoothing_km is None:
+        tau = None
+        keep = np.flatnonzero(labels >= 0)
+    else:
+        tau = default_smoothing_km(partition) if label_smoothing_km == "auto" else float(label_smoothing_km)
+        if not tau > 0:
+            raise ValueError(f"label_smoothing_km must be > 0, None or 'auto', got {label_smoothing_km!r}")
+        keep = np.arange(n)
+    if keep.size == 0:
+        raise ValueError("no training photo falls in a cell of the partition")
+    if tau is None:
+        y = np.zeros((n, k), dtype=np.float32)
+        y[keep, labels[keep]] = 1.0
+    else:
+        y = smoothed_targets(lats, lons, partition, tau)
+    return tau, keep, y
+
+
+def _fit(x, y, k: int, hidden: int, dropout: float, l2: float, learning_rate: float, batch_size: int, epochs: int,
+         seed: int):
+    """A softmax layer (after an optional ReLU layer) fitted with Keras; returns (model, history)."""
+    import keras  # deferred: importing TensorFlow is slow
+
+    keras.utils.set_random_seed(int(seed))
+    reg = keras.regularizers.L2(l2) if l2 else None
+    inp = keras.Input(shape=(x.shape[1],), name="descriptor")
+    h = keras.layers.Dropout(dropout, seed=seed)(inp) if dropout else inp
+    if hidden:
+        h = keras.layers.Dense(int(hidden), activation="relu", kernel_regularizer=reg, name="hidden")(h)
+        if dropout:
+            h = keras.layers.Dropout(dropout, seed=seed + 1)(h)
+    out = keras.layers.Dense(k, kernel_regularizer=reg, name="logits")(h)
+    model = keras.Model(inp, out)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    history = model.fit(x, y, epochs=int(epochs), batch_size=int(batch_size), shuffle=True, verbose=0)
+    return model, history
