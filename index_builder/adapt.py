@@ -57,7 +57,7 @@ class AdaptOptions:
     def settings(self) -> dict:
         """What a rerun must share with the interrupted run to resume it."""
         d = asdict(self)
-        for k in ("progress", "workers", "batch_size"):
+        for k in ("progress", "workers", "batch_size", "min_places"):
             d.pop(k)
         d["train"] = replace(self.train, epochs=self.epochs).to_dict()
         return json.loads(json.dumps(d, default=str))

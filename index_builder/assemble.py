@@ -20,7 +20,6 @@ memory stays bounded by one part plus the training samples, whatever the collect
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,6 +28,10 @@ import numpy as np
 import pandas as pd
 
 from delg_geo.core.errors import DelgGeoError, IndexFormatError
+from index_builder.codebook import (  # noqa: F401 (public here too)
+    ENTRIES_PER_WORD, MAX_WORDS, MIN_POINTS_PER_WORD, MIN_WORDS, _asmk_from_codes, _base_codebook, asmk_sample_size,
+    asmk_words_for, fit_codebook, stored_feature_sample,
+)
 from index_builder.npy_appender import NpyAppender
 from index_builder.swap import swap_staging  # noqa: F401 (public here too)
 from index_builder.work import BUILDING, STAGING, _kill_point  # noqa: F401 (public here too)
@@ -194,128 +197,161 @@ def assemble_index(
     stored features. ``expected_images`` (the whole index's size, where the caller knows it)
     sizes a new codebook; ``codebook`` imposes one (``tools/bench_scale.py``).
     """
-    from delg_geo.index.crosscheck import file_stamp
-    from delg_geo.index.integrity import file_checksum
-
-    import faiss
-
     opts = options or CompactOptions()
     index_dir = Path(index_dir)
     base_m = read_manifest(base) if base is not None else None
     if base_m is not None and base_m.format_version < 2:
         raise IndexFormatError(f"{base}: format {base_m.format_version}; pass it as a part (legacy_part) instead")
-
     if not opts.asmk:
         codebook = None
-    if base_m is not None:
-        base = Path(base)
-        wh = Whitening.load(base / "whitening.npz")
-        codec = LocalCodec.load(base / "local_codec.npz")
-        wh_info = dict(base_m.whitening)
-        if opts.asmk and codebook is None and (base_m.asmk or add_asmk):
-            codebook = _base_codebook(base, base_m, codec, opts, log, expected_images)
-    else:
-        words = asmk_words_for(expected_images, opts.max_local, opts)
-        # the codebook may want more local descriptors than the codec; the codec takes a subsample
-        g_sample, l_sample = _sample(loaders, replace(opts, train_local=asmk_sample_size(words, opts)) if opts.asmk else opts, log)
-        if g_sample is None:
-            raise DelgGeoError("no raw features to train the index on")
-        if model.needs_whitening and len(g_sample) >= opts.whitening_min_images:
-            wh = fit_pca_whitening(g_sample, dim=opts.global_dim, power=opts.whitening_power,
-                                   shrinkage=opts.whitening_shrinkage)
-            wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage,
-                           dim=wh.out_dim, fitted_on=len(g_sample))
-        else:
-            wh = Whitening.identity(g_sample.shape[1])
-            wh_info = dict(kind="identity", dim=wh.out_dim)
-            if model.needs_whitening:
-                wh_info["reason"] = (f"{len(g_sample)} images, fewer than the {opts.whitening_min_images} "
-                                     "needed to fit PCA whitening")
-        codec_sample = l_sample
-        if len(l_sample) > opts.train_local:
-            pick = np.random.default_rng(opts.seed).choice(len(l_sample), opts.train_local, replace=False)
-            codec_sample = l_sample[np.sort(pick)]
-        codec = fit_local_codec(codec_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
-        if opts.asmk and codebook is None and len(l_sample):
-            codebook = fit_codebook(codec.decode(codec.encode(l_sample)), words, opts, log)
-        del g_sample, l_sample, codec_sample
-
+    wh, wh_info, codec, codebook = _encoders(loaders, model, opts, base, base_m, add_asmk, expected_images, codebook, log)
     staging = index_dir / STAGING
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    gdim = wh.out_dim
-    out_g = NpyAppender(staging / "global.npy", np.float16, gdim)
-    out_kp = NpyAppender(staging / "local_keypoints.npy", np.uint16, 2)
-    out_codes = NpyAppender(staging / "local_codes.npy", codec.code_dtype, codec.code_width)
-    out_raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if opts.keep_raw else None
-    counts_all, metas = [], []
-    n_new = 0
-    from index_builder.inverted_file import InvertedFileWriter
-
-    asmk = InvertedFileWriter(staging, codebook) if codebook is not None else None
-
-    def write(meta, counts, g16, kp16, codes, raw=None, asmk_entries=None):
-        if asmk is not None:
-            if asmk_entries is not None:
-                asmk.add_entries(len(counts), *asmk_entries)
-            else:
-                _asmk_from_codes(asmk, codec, np.asarray(counts, np.int64), codes)
-        out_g.append(g16)
-        out_kp.append(kp16)
-        out_codes.append(codes)
-        if out_raw is not None:
-            if raw is None:
-                raise DelgGeoError("--keep-raw needs raw global descriptors for every image")
-            out_raw.append(raw)
-        counts_all.append(np.asarray(counts, np.int64))
-        metas.append(meta)
-
+    out = _StagedArrays(staging, wh, codec, codebook, opts.keep_raw)
     if base_m is not None:
-        _copy_base(base, write, keep_raw=opts.keep_raw)
+        _copy_base(Path(base), out.write, keep_raw=opts.keep_raw)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(loaders), desc="assemble", unit="part")
     for load in loaders:
-        p = load()
-        n_new += len(p)
-        rows = p.keep_rows(opts.max_local)
-        off = np.concatenate([[0], np.cumsum(p.counts)])
-        counts = np.minimum(np.asarray(p.counts, np.int64), opts.max_local)
-        if p.global_vectors is not None:
-            g = np.asarray(p.global_vectors, np.float32)
-        else:
-            g = wh.apply(np.asarray(p.global_raw, np.float32))
-        if p.local_codes is not None:
-            codes = np.asarray(p.local_codes[rows], codec.code_dtype)
-        elif p.local_projected is not None:
-            codes = codec.encode_projected(p.local_projected[rows])
-        else:
-            codes = codec.encode(np.asarray(p.descriptors[rows], np.float32))
-        md = p.metadata.reset_index(drop=True)
-        units = np.repeat(keypoint_unit(md["width"].to_numpy(), md["height"].to_numpy()), counts)
-        kp = encode_keypoints(np.asarray(p.keypoints[rows], np.float64), units[:, None]) if len(rows) else \
-            np.zeros((0, 2), np.uint16)
-        assert int(counts.sum()) == len(rows) and int(off[-1]) == len(p.keypoints)
-        write(md, counts, g.astype(np.float16), kp, codes, p.global_raw, p.asmk_entries)
+        _append_part(out, load(), opts, wh, codec)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    for a in (out_g, out_kp, out_codes) + ((out_raw,) if out_raw else ()):
-        a.close()
-
-    md = pd.concat(metas, ignore_index=True) if metas else pd.DataFrame()
+    md, counts, asmk_info = out.close()
     if len(md) == 0:
         shutil.rmtree(staging)
         raise DelgGeoError(f"no image could be indexed ({len(skipped or [])} skipped); nothing written to {index_dir}")
     md = md.drop(columns=["id"], errors="ignore")
     md.insert(0, "id", np.arange(len(md)))
-    n = len(md)
-    counts = np.concatenate(counts_all)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    index_type, params = _write_search(staging, len(md), wh.out_dim, opts, log)
+    md.to_csv(staging / "metadata.csv", index=False)
+    _kill_point("staging")
+    wh.save(staging / "whitening.npz")
+    codec.save(staging / "local_codec.npz")
+    np.save(staging / "local_offsets.npy", offsets)
+    all_skipped = list(skipped or [])
+    pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
+    manifest = _manifest(staging, model, wh, wh_info, codec, opts, index_type, params, asmk_info, len(md),
+                         int(offsets[-1]), all_skipped, sources, build_id, model_path,
+                         (base_m.created if base_m else None) or created or now_iso())
+    write_atomic(staging / MANIFEST, manifest.to_json())
+    _kill_point("staged")
+    swap_staging(index_dir)
+    return manifest
+
+
+def _encoders(loaders, model: ModelInfo, opts: CompactOptions, base, base_m, add_asmk: bool, expected_images, codebook,
+              log):
+    """(whitening, its manifest entry, the local codec, the ASMK codebook or None): a base's own,
+    or fitted on a seeded sample of the parts."""
+    if base_m is not None:
+        base = Path(base)
+        wh = Whitening.load(base / "whitening.npz")
+        codec = LocalCodec.load(base / "local_codec.npz")
+        if opts.asmk and codebook is None and (base_m.asmk or add_asmk):
+            codebook = _base_codebook(base, base_m, codec, opts, log, expected_images)
+        return wh, dict(base_m.whitening), codec, codebook
+    words = asmk_words_for(expected_images, opts.max_local, opts)
+    # the codebook may want more local descriptors than the codec; the codec takes a subsample
+    g_sample, l_sample = _sample(loaders, replace(opts, train_local=asmk_sample_size(words, opts)) if opts.asmk else opts, log)
+    if g_sample is None:
+        raise DelgGeoError("no raw features to train the index on")
+    if model.needs_whitening and len(g_sample) >= opts.whitening_min_images:
+        wh = fit_pca_whitening(g_sample, dim=opts.global_dim, power=opts.whitening_power,
+                               shrinkage=opts.whitening_shrinkage)
+        wh_info = dict(kind="pca", power=opts.whitening_power, shrinkage=opts.whitening_shrinkage,
+                       dim=wh.out_dim, fitted_on=len(g_sample))
+    else:
+        wh = Whitening.identity(g_sample.shape[1])
+        wh_info = dict(kind="identity", dim=wh.out_dim)
+        if model.needs_whitening:
+            wh_info["reason"] = (f"{len(g_sample)} images, fewer than the {opts.whitening_min_images} "
+                                 "needed to fit PCA whitening")
+    codec_sample = l_sample
+    if len(l_sample) > opts.train_local:
+        pick = np.random.default_rng(opts.seed).choice(len(l_sample), opts.train_local, replace=False)
+        codec_sample = l_sample[np.sort(pick)]
+    codec = fit_local_codec(codec_sample, opts.local_codec, opts.local_dim, opts.pq_m, seed=opts.seed)
+    if opts.asmk and codebook is None and len(l_sample):
+        codebook = fit_codebook(codec.decode(codec.encode(l_sample)), words, opts, log)
+    return wh, wh_info, codec, codebook
+
+
+class _StagedArrays:
+    """The growing arrays of the staged index (global vectors, keypoints, codes, optionally the
+    raw global descriptors and the inverted file), appended image batch by image batch."""
+
+    def __init__(self, staging: Path, wh, codec, codebook, keep_raw: bool):
+        from index_builder.inverted_file import InvertedFileWriter
+
+        self.codec = codec
+        self.g = NpyAppender(staging / "global.npy", np.float16, wh.out_dim)
+        self.kp = NpyAppender(staging / "local_keypoints.npy", np.uint16, 2)
+        self.codes = NpyAppender(staging / "local_codes.npy", codec.code_dtype, codec.code_width)
+        self.raw = NpyAppender(staging / "global_raw.npy", np.float32, wh.in_dim) if keep_raw else None
+        self.asmk = InvertedFileWriter(staging, codebook) if codebook is not None else None
+        self.counts: list[np.ndarray] = []
+        self.metas: list[pd.DataFrame] = []
+
+    def write(self, meta, counts, g16, kp16, codes, raw=None, asmk_entries=None) -> None:
+        if self.asmk is not None:
+            if asmk_entries is not None:
+                self.asmk.add_entries(len(counts), *asmk_entries)
+            else:
+                _asmk_from_codes(self.asmk, self.codec, np.asarray(counts, np.int64), codes)
+        self.g.append(g16)
+        self.kp.append(kp16)
+        self.codes.append(codes)
+        if self.raw is not None:
+            if raw is None:
+                raise DelgGeoError("--keep-raw needs raw global descriptors for every image")
+            self.raw.append(raw)
+        self.counts.append(np.asarray(counts, np.int64))
+        self.metas.append(meta)
+
+    def close(self) -> tuple[pd.DataFrame, np.ndarray, dict]:
+        """(the metadata of every image, local features per image, the inverted file's manifest entry)."""
+        for a in (self.g, self.kp, self.codes) + ((self.raw,) if self.raw else ()):
+            a.close()
+        md = pd.concat(self.metas, ignore_index=True) if self.metas else pd.DataFrame()
+        counts = np.concatenate(self.counts) if self.counts else np.zeros(0, np.int64)
+        asmk_info = self.asmk.finish() if self.asmk is not None and len(md) else {}
+        return md, counts, asmk_info
+
+
+def _append_part(out: _StagedArrays, p: Part, opts: CompactOptions, wh, codec) -> None:
+    """One part's images, whitened and encoded, each keeping its best ``max_local`` features."""
+    rows = p.keep_rows(opts.max_local)
+    off = np.concatenate([[0], np.cumsum(p.counts)])
+    counts = np.minimum(np.asarray(p.counts, np.int64), opts.max_local)
+    if p.global_vectors is not None:
+        g = np.asarray(p.global_vectors, np.float32)
+    else:
+        g = wh.apply(np.asarray(p.global_raw, np.float32))
+    if p.local_codes is not None:
+        codes = np.asarray(p.local_codes[rows], codec.code_dtype)
+    elif p.local_projected is not None:
+        codes = codec.encode_projected(p.local_projected[rows])
+    else:
+        codes = codec.encode(np.asarray(p.descriptors[rows], np.float32))
+    md = p.metadata.reset_index(drop=True)
+    units = np.repeat(keypoint_unit(md["width"].to_numpy(), md["height"].to_numpy()), counts)
+    kp = encode_keypoints(np.asarray(p.keypoints[rows], np.float64), units[:, None]) if len(rows) else \
+        np.zeros((0, 2), np.uint16)
+    assert int(counts.sum()) == len(rows) and int(off[-1]) == len(p.keypoints)
+    out.write(md, counts, g.astype(np.float16), kp, codes, p.global_raw, p.asmk_entries)
+
+
+def _write_search(staging: Path, n: int, gdim: int, opts: CompactOptions, log) -> tuple[str, dict]:
+    """The global index: exact search over ``global.npy``, or a trained FAISS index in ``global.faiss``."""
+    import faiss
 
     index_type = choose_index_type(n, opts.index_type, opts.exact_limit)
     params = faiss_params(n, gdim, index_type)
@@ -329,26 +365,24 @@ def assemble_index(
             fidx.add(np.asarray(gv[a : a + 100_000], np.float32))
         faiss.write_index(fidx, str(staging / "global.faiss"))
         del gv
-    asmk_info = asmk.finish() if asmk is not None else {}
-    md.to_csv(staging / "metadata.csv", index=False)
-    _kill_point("staging")
-    wh.save(staging / "whitening.npz")
-    codec.save(staging / "local_codec.npz")
-    np.save(staging / "local_offsets.npy", offsets)
-    all_skipped = list(skipped or [])
-    pd.DataFrame(all_skipped, columns=["row", "image", "reason"]).to_csv(staging / "skipped.csv", index=False)
+    return index_type, params
+
+
+def _manifest(staging: Path, model: ModelInfo, wh, wh_info: dict, codec, opts: CompactOptions, index_type: str,
+              params: dict, asmk_info: dict, n: int, n_local: int, skipped: list, sources, build_id: str,
+              model_path: str, created: str) -> Manifest:
+    """The manifest of the staged files: their sizes, checksums and stamps, and how they were made."""
+    from delg_geo.index.integrity import file_checksum, file_stamp
+
     files = {p.name: p.stat().st_size for p in sorted(staging.iterdir()) if p.name != MANIFEST}
-    checksums = {name: file_checksum(staging / name) for name in files}
-    stamps = {name: file_stamp(staging / name, build_id) for name in files}  # checked on open (crosscheck.py)
-    local_info = dict(codec.info(), max_features=opts.max_local, keypoints="uint16")
-    manifest = Manifest(
+    return Manifest(
         model_id=model.model_id,
         model_fingerprint=model.fingerprint,
         global_dim=int(wh.in_dim),
-        search_dim=int(gdim),
+        search_dim=int(wh.out_dim),
         local_dim=int(model.local_dim),
         num_images=n,
-        num_local_features=int(offsets[-1]),
+        num_local_features=n_local,
         index_type=index_type,
         model_config=model.config,
         local_features=model.local_features,
@@ -356,82 +390,20 @@ def assemble_index(
         local_config=model.local_config,
         whitening=wh_info,
         files=files,
-        checksums=checksums,
-        stamps=stamps,
-        skipped=all_skipped,
+        checksums={name: file_checksum(staging / name) for name in files},
+        stamps={name: file_stamp(staging / name, build_id) for name in files},  # checked on open (crosscheck.py)
+        skipped=skipped,
         sources=list(sources or []),
         versions=library_versions(),
         build_id=build_id,
         model_path=model_path,
-        created=(base_m.created if base_m else None) or created or now_iso(),
+        created=created,
         updated=now_iso(),
         format_version=FORMAT_VERSION,
         search=dict(params, requested=opts.index_type, exact_limit=opts.exact_limit, vectors="global.npy (float16)"),
-        local=local_info,
+        local=dict(codec.info(), max_features=opts.max_local, keypoints="uint16"),
         asmk=asmk_info,
     )
-    write_atomic(staging / MANIFEST, manifest.to_json())
-    _kill_point("staged")
-    swap_staging(index_dir)
-    return manifest
-
-
-#: The inverted file's codebook: at least this many words (measured on Venice: 16,384), about one
-#: word per ENTRIES_PER_WORD entries (a query reads ~450 lists, so this bounds its reads), at
-#: most MAX_WORDS, and at least MIN_POINTS_PER_WORD training descriptors per word.
-MIN_WORDS, MAX_WORDS, ENTRIES_PER_WORD, MIN_POINTS_PER_WORD = 16_384, 262_144, 8_000, 8
-
-
-def asmk_words_for(n_images: int | None, max_local: int, opts: CompactOptions) -> int:
-    """The codebook size for a collection of ``n_images`` (about 0.9 entries per kept feature)."""
-    if opts.asmk_words:
-        return int(opts.asmk_words)
-    want = int(0.9 * max_local * (n_images or 0) / ENTRIES_PER_WORD)
-    return int(min(MAX_WORDS, max(MIN_WORDS, want)))
-
-
-def asmk_sample_size(words: int, opts: CompactOptions) -> int:
-    """Local descriptors to fit a codebook of ``words`` words on."""
-    return int(min(opts.asmk_train, max(opts.train_local, MIN_POINTS_PER_WORD * words)))
-
-
-def fit_codebook(sample: np.ndarray, words: int, opts: CompactOptions, log=print):
-    """A codebook of about ``words`` words (fewer when ``sample`` is small) in ``asmk_coarse`` cells."""
-    from delg_geo.index.asmk import Codebook
-
-    t = time.perf_counter()
-    fine = -(-int(words) // opts.asmk_coarse)
-    cb = Codebook.fit(sample, opts.asmk_coarse, fine, seed=opts.seed, min_points=MIN_POINTS_PER_WORD)
-    log(f"ASMK codebook: {cb.size} words in {len(cb.coarse)} cells from {len(sample)} local descriptors "
-        f"({time.perf_counter() - t:.0f} s)")
-    return cb
-
-
-def _base_codebook(base: Path, base_m, codec, opts: CompactOptions, log, n_images: int | None = None):
-    """The base index's codebook (its words stay the same), or one fitted on its stored features."""
-    from delg_geo.index.asmk import CODEBOOK, Codebook
-
-    if base_m.asmk and (base / CODEBOOK).is_file():
-        return Codebook.load(base / CODEBOOK)
-    words = asmk_words_for(n_images or base_m.num_images, int(base_m.local.get("max_features", opts.max_local)), opts)
-    sample = stored_feature_sample(base, codec, asmk_sample_size(words, opts), opts.seed)
-    return fit_codebook(sample, words, opts, log) if len(sample) else None
-
-
-def stored_feature_sample(index_dir: Path, codec, n: int, seed: int = 0) -> np.ndarray:
-    """Up to ``n`` of a compact index's stored local descriptors, decoded, drawn at random (seeded)."""
-    codes = np.load(Path(index_dir) / "local_codes.npy", mmap_mode="r")
-    rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(len(codes), min(len(codes), int(n)), replace=False))
-    return codec.decode(np.asarray(codes[rows])) if len(rows) else np.zeros((0, 1), np.float32)
-
-
-def _asmk_from_codes(asmk, codec, counts: np.ndarray, codes: np.ndarray, images: int = 2000) -> None:
-    """Aggregates the stored (decoded) features of ``counts`` images, a few thousand at a time."""
-    off = np.concatenate([[0], np.cumsum(counts)])
-    for a in range(0, len(counts), images):
-        b = min(len(counts), a + images)
-        asmk.add(counts[a:b], codec.decode(np.asarray(codes[off[a] : off[b]])))
 
 
 def _copy_base(base: Path, write, keep_raw: bool, chunk: int = 20_000) -> None:

@@ -56,10 +56,12 @@ class ExtractWorker:
 
     def __init__(self, spec: ModelSpec, fingerprint: str, batch_size: int, threads: int):
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        from delg_geo.core.memory import keep_freed_memory
         from delg_geo.features.models import get_extractor
         from delg_geo.core.runtime import configure_for_throughput
 
-        configure_for_throughput()
+        keep_freed_memory()
+        configure_for_throughput(threads)  # the actor's num_cpus, not the node's cores
         self.extractor = get_extractor(spec.name, **spec.options)
         if self.extractor.fingerprint != fingerprint:
             raise DelgGeoError(

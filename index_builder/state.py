@@ -158,6 +158,10 @@ def open_state(index_dir: Path, extractor, add: bool, log) -> dict:
 def check_existing(index_dir: Path, existing: dict, extractor) -> None:
     """Refuse to add features of another model or other local features to ``existing``."""
     m = existing["manifest"]
+    if getattr(m, "adapt", None):
+        raise IndexFormatError(
+            f"{index_dir} is adapted to its collection (`index adapt`, adapt.npz); adding photos to an adapted index "
+            "is not supported: build an index of the whole collection, then adapt it again")
     if m.model_fingerprint != extractor.fingerprint or m.model_id != extractor.model_id:
         raise IndexFormatError(
             f"{index_dir} was built with model {m.model_id!r} ({m.model_fingerprint[:12]}); "

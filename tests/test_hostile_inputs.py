@@ -296,6 +296,7 @@ def test_explain_says_what_the_answer_is_with_the_answers_own_inliers(tiny_geo, 
         kinds.setdefault(pred.method, (pred, feats))
     assert set(kinds) == {"verified", "global"}, [p.method for p, _ in answers]
     for method, (pred, feats) in kinds.items():
+        assert len(pred.matches) == pred.inliers and "matches" not in pred.to_dict()
         v = explain_prediction(geo, pred.image, pred, tmp_path / f"{method}.png", features=feats)
         assert v.inliers == pred.inliers  # the picture draws the answer's own verification
         said = seen[-1]

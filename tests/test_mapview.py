@@ -115,7 +115,10 @@ def test_draw_explain_synthetic(tmp_path):
     out = draw_explain(pa, pb, kq, kn, np.array([[0, 0], [1, 1], [2, 2], [5, 9]]), tmp_path / "m.png")
     im = Image.open(out)
     assert im.format == "PNG"
-    assert im.height == 480 + 28 and im.width == 640 + 12 + 640
+    from delg_geo.apps.explain import HEADER
+
+    assert HEADER >= 40  # two lines: the photos' labels, then what the answer is
+    assert im.height == 480 + HEADER and im.width == 640 + 12 + 640
 
 
 def test_explain_prediction(tiny_geo, tmp_path):

@@ -31,8 +31,9 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "venice"
 KERNEL_FAULTS = re.compile(r"clear_page|do_anonymous_page|fault|alloc_pages|get_page_from_freelist|folio|memcg|lru|rmqueue|zero")
 KERNEL_UNMAP = re.compile(r"unmap|zap_|tlb|free_pages|free_unref|release_pages|__free|vm_area|mmap|do_vmi")
 GROUPS = [
-    ("pooling (max and average)", re.compile(r"pool", re.I)),
-    ("convolutions and matrix products", re.compile(r"conv|brgemm|gemm|matmul|inner_product|brg_|jit_avx|jit_uni_(?!pool)|Contraction", re.I)),
+    ("pooling (max and average)", re.compile(r"jit_uni_pool|MaxPool|AvgPool|Pooling|pooling_fwd|SpatialMaxPool")),
+    ("convolutions and matrix products",
+     re.compile(r"brgemm|gemm|Gemm|convolution|Conv2D|MklConv|inner_product|matmul|MatMul|Contraction|jit_avx512_core_.*conv|brg_")),
     ("memmove / memcpy / memset", re.compile(r"memmove|memcpy|memset")),
 ]
 
@@ -83,12 +84,13 @@ def _report(data: Path, comm: str | None = None) -> dict:
     return dict(shares_percent=out, top_symbols=top)
 
 
-def profile(cmd: list[str], label: str, cwd: Path = REPO, env: dict | None = None, freq: int = 499) -> dict:
-    """Run ``cmd`` under ``perf record -g`` and return its shares, wall time and rusage."""
+def profile(cmd: list[str], label: str, cwd: Path = REPO, env: dict | None = None, freq: int = 499,
+            data: Path | None = None) -> dict:
+    """Run ``cmd`` under ``perf record -g`` and return its shares, wall time and rusage (``data``: keep perf.data there)."""
     if shutil.which("perf") is None:
         raise SystemExit("perf not found: apt-get install linux-perf")
     with tempfile.TemporaryDirectory() as tmp:
-        data = Path(tmp) / "perf.data"
+        data = data or Path(tmp) / "perf.data"
         env = dict(os.environ if env is None else env, ONEDNN_JIT_PROFILE="2", DNNL_JIT_PROFILE="2")
         t0 = time.perf_counter()
         r0 = os.times()
@@ -129,11 +131,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--build-option", action="append", default=[], help="extra `index build` option (repeat)")
     ap.add_argument("--out", type=Path, help="also write the result here (JSON)")
     ap.add_argument("--cwd", type=Path, default=REPO, help="run in this checkout (for example an older commit's)")
+    ap.add_argument("--perf-data", type=Path, help="keep perf.data here")
+    ap.add_argument("--report-only", action="store_true", help="only summarise an existing --perf-data")
     args = ap.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        if cmd is None:
-            cmd = build_command(args.data, args.n, Path(tmp) / "index", args.build_option)
-        out = profile(cmd, args.label, cwd=args.cwd)
+    if args.report_only:
+        out = dict(label=args.label, whole_process=_report(args.perf_data), tensorflow_threads=_report(args.perf_data, "tf_Compute"))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            if cmd is None:
+                cmd = build_command(args.data, args.n, Path(tmp) / "index", args.build_option)
+            out = profile(cmd, args.label, cwd=args.cwd, data=args.perf_data)
     print(json.dumps(out, indent=2))
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")

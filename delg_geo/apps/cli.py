@@ -11,11 +11,18 @@ from delg_geo import quiet_tensorflow_logs
 
 quiet_tensorflow_logs()
 
+from delg_geo.core.memory import keep_freed_memory  # noqa: E402
+from delg_geo.core.runtime import prepare_process, set_threads  # noqa: E402
+
+prepare_process(argv=sys.argv)  # before NumPy and TensorFlow load: pools sized to the CPUs (--threads), no spinning
+keep_freed_memory()  # before TensorFlow allocates: freed feature maps are reused, not faulted in again
+
 import typer  # noqa: E402
 
 from delg_geo.core.errors import DelgGeoError  # noqa: E402
 from delg_geo.apps.cli_common import (  # noqa: E402
-    distinct_stems, _IDX, _LOCAL_HELP, _MODEL_HELP, _check_output, _emit_json, _err, _index_or_env, _ray_options, _throughput,
+    distinct_stems, _IDX, _LOCAL_HELP, _MODEL_HELP, _THREADS, _check_output, _emit_json, _err, _index_or_env, _ray_options, _throughput,
+    _latency,
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Tell where a photo was taken, by DELG retrieval.")
@@ -178,9 +185,11 @@ def index_build(
         None, "--calibrate/--no-calibrate",
         help="Fit the confidence on the collection after building (default: from 200 images up)."),
     adapt: bool = typer.Option(False, "--adapt", help="Then adapt the global descriptor to the collection (`index adapt`)."),
+    threads: Optional[int] = _THREADS,
     json_out: bool = typer.Option(False, "--json", help="Print the build report as JSON (no progress bar)."),
 ):
     """Index a geotagged image collection (compact: about 31 KB an image)."""
+    set_threads(threads)
     if confidence_radius_km is not None and not confidence_radius_km > 0:
         raise DelgGeoError(f"--confidence-radius-km must be positive, got {confidence_radius_km}")
     from delg_geo.index.store import LOCAL_CODECS
@@ -350,9 +359,12 @@ def query(
     json_out: bool = typer.Option(False, "--json", help="One JSON object per image."),
     map_out: Optional[Path] = typer.Option(None, "--map", help="Write a self-contained HTML map of the answers."),
     explain: Optional[Path] = typer.Option(None, "--explain", help="Draw query vs verified neighbour with inlier matches (PNG)."),
+    threads: Optional[int] = _THREADS,
 ):
     """Locate photos against an index."""
     from delg_geo.retrieval.locate import Geolocator
+
+    _latency(threads)
 
     _check_output(map_out, "--map")
     _check_output(explain, "--explain")

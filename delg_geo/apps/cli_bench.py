@@ -7,6 +7,7 @@ from typing import List, Optional
 
 import typer
 
+from delg_geo.apps.cli_common import _THREADS
 from delg_geo.core.jsonio import dumps as json_dumps
 
 
@@ -41,6 +42,7 @@ def register(app: typer.Typer) -> None:
         use_ray: bool = typer.Option(False, "--ray", help="Extract, search and verify on Ray workers (resumable shards)."),
         ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster; implies --ray."),
         workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
+        threads: Optional[int] = _THREADS,
         json_out: bool = typer.Option(False, "--json", help="Print summary.json."),
     ):
         """Benchmark every method on a query set and write the report."""
@@ -48,7 +50,7 @@ def register(app: typer.Typer) -> None:
         from delg_geo.apps.cli_common import _index_or_env, _ray_options, _throughput
         from delg_geo.evaluation.metrics import DEFAULT_RADII_KM
 
-        _throughput()
+        _throughput(threads)
         ms = tuple(m.strip() for arg in (methods or [",".join(ALL_METHODS)]) for m in arg.split(",") if m.strip())
         cfg = BenchConfig(methods=ms, radii_km=tuple(radii_km) if radii_km else DEFAULT_RADII_KM, top_k=top_k,
                           local_top_k=local_top_k, sift_top_k=top_k, map=map_out, progress=not json_out)

@@ -12,10 +12,23 @@ from delg_geo.core.errors import DelgGeoError
 from delg_geo.core.jsonio import dumps as json_dumps
 
 
-def _throughput() -> None:
+def _throughput(threads: Optional[int] = None) -> None:
     from delg_geo.core.runtime import configure_for_throughput
 
-    configure_for_throughput()
+    configure_for_throughput(threads)
+
+
+def _latency(threads: Optional[int] = None) -> None:
+    from delg_geo.core.runtime import configure_for_latency
+
+    configure_for_latency(threads)
+
+
+_THREADS = typer.Option(
+    None, "--threads", min=1,
+    help="CPUs to use (TensorFlow's thread pools, parallel images, BLAS). Default: the CPUs this process may "
+         "run on (its affinity mask, capped by a cgroup CPU quota), or $DELG_GEO_THREADS. Set it when the "
+         "machine is shared with other work.")
 
 
 def _err(msg: str) -> None:

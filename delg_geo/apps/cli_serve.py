@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from delg_geo.apps.cli_common import _THREADS
+
 
 def _upload_mb(value: float) -> float:
     """``--max-upload-mb``: a positive, finite number of megabytes (a usage error otherwise)."""
@@ -30,9 +32,12 @@ def register(app: typer.Typer) -> None:
         max_concurrent: int = typer.Option(2, "--max-concurrent", min=1, help="Photos located at the same time."),
         max_queue: int = typer.Option(8, "--max-queue", min=0, help="Photos waiting for a turn; more are answered 503 with Retry-After."),
         device: str = typer.Option("auto", "--device", help="FAISS device: auto or cpu."),
+        threads: Optional[int] = _THREADS,
     ):
         """Serve a web page and an HTTP API: drop a photo in, see where it was taken on a map."""
-        from delg_geo.apps.cli_common import _err, _index_or_env
+        from delg_geo.apps.cli_common import _err, _index_or_env, _latency
+
+        _latency(threads)
         from delg_geo.core.errors import DelgGeoError
         from delg_geo.apps.serve import run_server
 

@@ -91,7 +91,7 @@ def render_explain(
     except TypeError:  # Pillow < 10.1
         font = ImageFont.load_default()
     draw.text((6, 5), "query", fill=(0, 0, 0), font=font)
-    draw.text((x_off + 6, 5), "verified neighbour" if verified else "most similar photo (not verified)",
+    draw.text((x_off + 6, 5), "verified neighbour" if verified else "neighbour (not verified)",
               fill=(0, 0, 0) if verified else (170, 40, 20), font=font)
     while len(text) > 20 and draw.textlength(text, font=font) > W - 12:  # a narrow picture: cut, never overflow
         text = text[: int(len(text) * 0.9)].rstrip() + "..."
@@ -154,19 +154,27 @@ def verify_against(geolocator, feats, neighbour_id: int):
 def explain_prediction(geolocator, query_path, prediction, path: str | Path, features=None):
     """Draw why ``prediction`` (a ``Prediction`` or its dict) was made for the photo ``query_path``.
 
-    Verifies the query's ``features`` (those the prediction came from; extracted again when not
-    given, which may differ slightly from a batched extraction) against the prediction's
-    neighbour, draws the inliers, heads the picture with what the answer is
-    (:func:`answer_caption`) and writes the PNG to ``path``. Returns the
-    :class:`~delg_geo.retrieval.verify.Verification`.
+    Draws the inlier matches of the answer's own verification of its neighbour
+    (``Prediction.matches``), so the picture shows the inlier count the answer reports. Without
+    them (a dict, or verification off) the query's ``features`` (extracted again when not given)
+    are verified against the neighbour here; RANSAC is randomised, so that count may differ by a
+    few. The picture is headed with what the answer is (:func:`answer_caption`) and written as a
+    PNG to ``path``. Returns the :class:`~delg_geo.retrieval.verify.Verification` drawn.
     """
     from delg_geo.evaluation.mapview import reference_path
+    from delg_geo.retrieval.verify import Verification
 
     img = query_path if isinstance(query_path, LoadedImage) else load_image(query_path, max_side=geolocator.extractor.max_side)
-    feats = features if features is not None else geolocator.extractor.extract(img)
     d = prediction if isinstance(prediction, dict) else prediction.to_dict()
     nid = int(d["neighbour"]["id"])
-    q_kp, kp, v = verify_against(geolocator, feats, nid)
+    matches = None if isinstance(prediction, dict) else prediction.matches
+    if matches is not None:
+        n = len(matches)
+        q_kp, kp = matches[:, :2], matches[:, 2:]
+        v = Verification(n, n, np.stack([np.arange(n), np.arange(n)], axis=1))
+    else:
+        feats = features if features is not None else geolocator.extractor.extract(img)
+        q_kp, kp, v = verify_against(geolocator, feats, nid)
     npath = reference_path(geolocator.index, nid)
     if npath is None:
         from delg_geo.core.errors import DelgGeoError

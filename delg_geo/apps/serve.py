@@ -308,7 +308,11 @@ def create_app(geolocator, config: ServeConfig | None = None, *, max_upload_mb: 
 
     @app.exception_handler(DelgGeoError)
     async def _delg_error(request: Request, exc: DelgGeoError):
-        return JSONResponse(status_code=500, content={"detail": str(exc)})
+        from delg_geo.core.errors import ImageLoadError, InvalidArgumentError
+
+        # a refused input is the client's (4xx), never a server error
+        status = 415 if isinstance(exc, ImageLoadError) else 422 if isinstance(exc, InvalidArgumentError) else 500
+        return JSONResponse(status_code=status, content={"detail": str(exc)})
 
     return app
 

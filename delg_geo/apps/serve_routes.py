@@ -126,9 +126,11 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large, health=lambda
                 if why:
                     raise HTTPException(415, f"not a usable image: {why}")
                 pred = geo.locate_features(feats, name, extract_ms=(time.perf_counter() - t0) * 1e3)
-                # the answer's own verification of its neighbour (deterministic): the match picture
-                # then shows the inlier count the answer reports
-                q_kp, n_kp, v = verify_against(geo, feats, pred.neighbour.id)
+                if pred.matches is None:  # verification off: the neighbour's matches, for the picture only
+                    q_kp, n_kp, v = verify_against(geo, feats, pred.neighbour.id)
+                    pairs = np.asarray(v.inlier_pairs, np.int64).reshape(-1, 2)
+                    pred.matches = np.hstack([np.asarray(q_kp, np.float32)[pairs[:, 0]],
+                                              np.asarray(n_kp, np.float32)[pairs[:, 1]]])
                 seconds = time.perf_counter() - t0
         finally:
             admission.leave(seconds)
@@ -141,13 +143,13 @@ def add_locate_route(app, geo, cfg, admission, matches, too_large, health=lambda
         small.thumbnail((cfg.match_side, cfg.match_side))
         buf = io.BytesIO()
         small.save(buf, format="JPEG", quality=85)
-        pairs = np.asarray(v.inlier_pairs, np.int64).reshape(-1, 2)
         token = matches.put({
             "jpeg": buf.getvalue(),  # small, so the cache stays a few MB
             "original_size": img.original_size,
-            "query_points": np.asarray(q_kp, np.float32)[pairs[:, 0]],  # the inliers only
-            "neighbour_points": np.asarray(n_kp, np.float32)[pairs[:, 1]],
-            "caption": answer_caption(pred.method, v.inliers, geo.rule.min_inliers, pred.note),
+            # the answer's own inlier matches: the picture shows the count the answer reports
+            "query_points": pred.matches[:, :2].copy(),
+            "neighbour_points": pred.matches[:, 2:].copy(),
+            "caption": answer_caption(pred.method, len(pred.matches), geo.rule.min_inliers, pred.note),
             "verified": pred.method == "verified",
             "neighbour": int(pred.neighbour.id),
             "png": None,

@@ -84,7 +84,9 @@ def ray_session(opts: RayOptions, log=print):
         log(f"connecting to the Ray cluster at {opts.address}")
         ray.init(address=opts.address, **ray_log_options())
     else:
-        n = opts.num_cpus or os.cpu_count() or 1
+        from delg_geo.core.runtime import available_cpus
+
+        n = opts.num_cpus or available_cpus()
         log(f"starting a local Ray cluster with {n} CPUs (workers' logs: {WORKER_LOGS})")
         ray.init(num_cpus=n, include_dashboard=False, **ray_log_options())
     try:

@@ -264,9 +264,7 @@ def default_thresholds(lats, lons) -> tuple[int, int]:
     holding between about ``t1/4`` and ``t1`` images, so ``t1 = ceil(2 N / K)``. Cells of fewer
     than ``t2 = max(1, round(t1 / 10))`` images are dropped (PlaNet and GeoEstimation use
     ``t1/t2`` between 100 and 200 on millions of images; with a few thousand images a ratio of 10
-    keeps the many small tourist spots of a city). For the Venice collection (1898 photos over
-    9 x 6 km) this gives ``t1 = 88, t2 = 9`` and a few dozen cells; for a world-wide collection of
-    4.7 M images it gives ``t1 = 4347, t2 = 435``.
+    keeps the many small tourist spots of a city).
     """
     lats = np.asarray(lats, dtype=np.float64).ravel()
     lons = np.asarray(lons, dtype=np.float64).ravel()

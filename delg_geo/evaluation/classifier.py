@@ -41,8 +41,7 @@ def default_smoothing_km(partition: Partition) -> float:
     ``tau`` must scale with the cells: PIGEON uses 75 km for geocells hundreds of km across, which
     would flatten a city partition completely. A quarter of the median cell size (the square root
     of the S2 cell's area) leaves about half of the target mass on a photo's own cell and spreads
-    the rest over the adjacent cells; for the default Venice partition (53 cells, median size
-    250 m) it gives about 60 m.
+    the rest over the adjacent cells.
     """
     if not len(partition):
         raise ValueError("empty partition")

@@ -7,7 +7,6 @@ for the whole batch.
 
 from __future__ import annotations
 
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from delg_geo.core.errors import ImageLoadError
+from delg_geo.core.runtime import available_cpus
 from delg_geo.features.base import Features, features_problem
 from delg_geo.features.images import MIN_IMAGE_SIDE, LoadedImage, load_image
 
@@ -87,7 +87,8 @@ def iter_extract(
 
     ``window`` paths are decoded in parallel while the previous window runs through the network;
     inside a window, images of equal size are batched ``batch_size`` at a time, and
-    ``net_workers`` batches (default: one per core) run through the network concurrently, which
+    ``net_workers`` batches (default: one per available CPU, at most 4;
+    :func:`delg_geo.core.runtime.available_cpus`) run through the network concurrently, which
     keeps both cores of a small machine busy where one forward pass alone does not.
     """
     paths = [str(p) for p in paths]
@@ -98,7 +99,7 @@ def iter_extract(
         bar = tqdm(total=len(paths), desc=progress if isinstance(progress, str) else "extract", unit="img")
     max_side = extractor.max_side
     min_side = min_image_side(extractor)
-    net_workers = net_workers or min(4, os.cpu_count() or 1)
+    net_workers = net_workers or min(4, available_cpus())
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, ThreadPoolExecutor(max_workers=net_workers) as net:
         chunks = [list(range(i, min(i + window, len(paths)))) for i in range(0, len(paths), window)]
         pending = None

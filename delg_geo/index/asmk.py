@@ -1,18 +1,18 @@
 """Stage 3b — search by local features: a binarised ASMK inverted file.
 
 At a million photos the global descriptor alone loses the right photo: a million other vectors
-crowd the top 100 (README, "A million distractors"). The local features then find candidates of
+crowd the top 100 (docs/results.md). The local features then find candidates of
 their own, as DELG does with ASMK (Tolias et al., "To aggregate or not to aggregate", 2013):
 
 * **Visual words.** A two-level codebook (k-means into ``coarse`` cells, then k-means into up to
   ``fine`` words inside each cell) is fitted on a sample of the index's local descriptors, in the
   store's matching space (decoded codes, as verification sees them); the build sizes it to the
-  collection (``index_builder.assemble.asmk_words_for``: 16,384 words at Venice size, about one
-  word per 8,000 entries above).
+  collection (``index_builder.assemble.asmk_words_for``: at least ``MIN_WORDS``, about one word
+  per ``ENTRIES_PER_WORD`` entries above).
 * **One entry per image and word.** An image's descriptors that fall in the same word are
   aggregated: their residuals to the word's centre are summed and binarised, one bit per
-  dimension (ASMK*; DELG binarises its local descriptors the same way). A Venice photo keeps
-  about 455 entries of 4 + D/8 bytes (the image id, the signature): 4.5 KB with 48-D codes.
+  dimension (ASMK*; DELG binarises its local descriptors the same way). An entry is 4 + D/8
+  bytes (the image id, the signature).
 * **Inverted file.** Entries sorted by word (``asmk_ids.npy``, ``asmk_sigs.npy``), with each
   word's start in ``asmk_offsets.npy`` and each image's entry count in ``asmk_counts.npy``.
   A query reads only its words' lists, with ``pread``, and scores them a batch of lists at a

@@ -119,9 +119,8 @@ def _record_checksums(index_dir: Path, names: list[str]) -> list[str]:
     import json
 
     from delg_geo.core.jsonio import dumps
-    from delg_geo.index.crosscheck import file_stamp
     from delg_geo.index.geo_index import write_atomic
-    from delg_geo.index.integrity import file_checksum
+    from delg_geo.index.integrity import file_checksum, file_stamp
     from delg_geo.index.lock import swapping
 
     mpath = index_dir / MANIFEST

@@ -4,10 +4,10 @@ index of the same size when no checksum is read.
 A query checksums only the files up to ``integrity.CHEAP_CHECK_BYTES`` when it opens an index, and
 an index built before delg-geo recorded checksums has none at all. Opening an index therefore also:
 
-* **Stamps.** The build records, per file, a *stamp*: an ``xxh3_128`` digest of the build id, the
-  file's size and :data:`STAMP_BLOCKS` blocks of :data:`STAMP_BLOCK` bytes spread through the file
-  (the first and the last included). Checking one reads 64 KB, whatever the file's size, and a
-  file from another build (other descriptors in every block) fails it. Files too large to be
+* **Stamps.** The build records, per file, a *stamp* (``integrity.file_stamp``): an ``xxh3_128``
+  digest of the build id, the file's size and 16 blocks of 4 KB spread through the file (the
+  first and the last included). Checking one reads 64 KB, whatever the file's size, and a file
+  from another build (other descriptors in every block) fails it. Files too large to be
   checksummed on open are checked by their stamp (``integrity.file_problem``).
 * **Global vectors against FAISS** (:func:`global_problem`). A compressed index (IVF-PQ, HNSW)
   must find a sample of the stored vectors (``global.npy``) among its own nearest neighbours of
@@ -24,35 +24,13 @@ an index built before delg-geo recorded checksums has none at all. Opening an in
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 
-STAMP_ALGO = "xxh3_128s"  # "s": sampled
-STAMP_BLOCKS = 16
-STAMP_BLOCK = 4096
+from delg_geo.index.integrity import file_stamp  # noqa: F401 (the stamps, checked here too)
+
 #: below these shares of agreeing samples, the files are reported as not belonging together (a
 #: rare tie in a word assignment or a compressed vector must not fail a sound index)
 MIN_AGREEMENT = 0.8
-
-
-def file_stamp(path: str | Path, build_id: str) -> str:
-    """The stamp of a file (see the module docstring): ``"xxh3_128s:hex"``."""
-    import xxhash
-
-    path = Path(path)
-    size = path.stat().st_size
-    h = xxhash.xxh3_128()
-    h.update(f"{build_id}:{size}:".encode())
-    starts = np.unique(np.linspace(0, max(0, size - STAMP_BLOCK), STAMP_BLOCKS).astype(np.int64))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        for s in starts:
-            h.update(os.pread(fd, STAMP_BLOCK, int(s)))
-    finally:
-        os.close(fd)
-    return f"{STAMP_ALGO}:{h.hexdigest()}"
 
 
 def _spread(n: int, k: int) -> np.ndarray:
@@ -98,14 +76,20 @@ def asmk_problem(asmk, local_features, n: int, samples: int = 4, words: int = 16
 
     if int(asmk.counts.sum()) != len(asmk.ids):
         return "asmk_counts.npy", f"counts {int(asmk.counts.sum())} entries, the inverted file holds {len(asmk.ids)}"
-    checked = found = same = 0
-    counted = right_count = 0
+    picked, descs = [], []
     for i in _spread(n, samples):
         kp, desc = local_features(int(i))
-        if len(desc) == 0 or (damaged is not None and damaged(int(i), kp, desc)):
-            continue
-        _, w, sig = aggregate(asmk.codebook, desc)
-        counted += 1
+        if len(desc) and not (damaged is not None and damaged(int(i), kp, desc)):
+            picked.append(int(i))
+            descs.append(desc)
+    if not picked:
+        return None
+    # one word assignment for all the sampled images (entries sorted by image, then word)
+    img, words_all, sigs_all = aggregate(asmk.codebook, np.concatenate(descs),
+                                         image=np.repeat(np.arange(len(picked)), [len(x) for x in descs]))
+    checked = found = same = right_count = 0
+    for k, i in enumerate(picked):
+        w, sig = words_all[img == k], sigs_all[img == k]
         right_count += int(asmk.counts[i] == len(w))
         lengths = asmk.offsets[w + 1] - asmk.offsets[w]
         for j in np.argsort(lengths, kind="stable")[:words]:
@@ -119,12 +103,14 @@ def asmk_problem(asmk, local_features, n: int, samples: int = 4, words: int = 16
                 found += 1
                 p = a + int(pos[0])
                 same += int(np.array_equal(asmk.sigs.rows(p, p + 1)[0], sig[j]))
+    counted = len(picked)
+    pair = "local_codes.npy", "(as local_codec.npz decodes it) and the inverted file's {} disagree: {} ({})"
+    why = "one of them is from another index, or damaged"
     if checked and found < MIN_AGREEMENT * checked:
-        return ("local_codes.npy", f"(as local_codec.npz decodes it) and the inverted file's asmk_ids.npy disagree: {checked - found} of {checked} "
-                "sampled (image, word) entries are missing from it (one of them is from another index, or damaged)")
+        return pair[0], pair[1].format("asmk_ids.npy", f"{checked - found} of {checked} sampled (image, word) "
+                                                       "entries are missing from it", why)
     if found and same < MIN_AGREEMENT * found:
-        return ("local_codes.npy", f"(as local_codec.npz decodes it) and the inverted file's asmk_sigs.npy disagree: {found - same} of {found} sampled "
-                "signatures differ (one of them is from another index, or damaged)")
+        return pair[0], pair[1].format("asmk_sigs.npy", f"{found - same} of {found} sampled signatures differ", why)
     if counted and right_count < MIN_AGREEMENT * counted:
         return ("asmk_counts.npy", f"does not match local_codes.npy: {counted - right_count} of {counted} sampled "
                 "images have another number of words")

@@ -6,7 +6,8 @@ of ``"far"``, -5 or NaN, an unknown ``model_config`` key, ``skipped`` set to 5 .
 :class:`IndexFormatError` that names the file and the field, and says what the value is and what
 it should be, so that no later comparison can print "has 1040 bytes, the manifest says 1040".
 
-Every file name the manifest holds (``files``, ``checksums``, ``stamps``, ``calibration.file``)
+Every file name the manifest holds (``files``, ``checksums``, ``stamps``, ``calibration.file``,
+``adapt.file``)
 must be a plain file name: a path (``../../../../etc/passwd``, ``/etc/hostname``) would make
 ``index verify`` read or report files outside the index folder. A name that is a link leading
 outside the folder is refused where the file is opened (:func:`outside_problem`).
@@ -176,7 +177,7 @@ def _check_files(d) -> None:
 
 
 def _check_parts(d) -> None:
-    """The sub-fields a reader uses: search, local, calibration and asmk."""
+    """The sub-fields a reader uses: search, local, calibration, adapt and asmk."""
     search = d.get("search", {})
     for k in ("refine", "nlist", "nprobe", "pq_m", "pq_bits", "M", "ef_search", "ef_construction", "exact_limit"):
         if k in search:
@@ -195,6 +196,11 @@ def _check_parts(d) -> None:
         if "radius_km" in cal:
             _expect(number(cal["radius_km"]) and cal["radius_km"] > 0, "calibration.radius_km", cal["radius_km"],
                     "a number of kilometres above 0")
+    adapt = d.get("adapt", {})
+    if "file" in adapt:
+        why = name_problem(adapt["file"])
+        if why:
+            raise _Problem("adapt.file", why)
     asmk = d.get("asmk", {})
     if asmk:
         for k, lo, hi in (("alpha", 0.0, 100.0), ("tau", -1.0, 1.0)):

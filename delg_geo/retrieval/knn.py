@@ -97,11 +97,8 @@ def fine_scale(sigma_km: float, radius_km: float) -> float | None:
 
 
 def default_sigma_km(lats, lons) -> float:
-    """Kernel bandwidth for a collection: a sixth of its median distance to its centroid.
-
-    Chosen on the Venice queries (spread 0.58 km -> 0.096 km; 0.06/0.1/0.15 km gave 44.5/45.0/44.5 %
-    within 100 m as the fallback of ``verified``), kept within 25 m .. 25 km.
-    """
+    """Kernel bandwidth for a collection: a sixth of its median distance to its centroid, kept
+    within 25 m .. 25 km (how the divisor was chosen: docs/notes/history.md)."""
     from delg_geo.core.geo import weighted_centroid
 
     lats = np.asarray(lats, np.float64)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -115,9 +115,16 @@ class Prediction:
     calibrated: bool = False  # False: confidence is an uncalibrated score (the index has no calibration)
     confidence_text: str = ""  # the confidence in words, e.g. "likely within 100 m: 83%"
     candidates: int = 0  # how many candidates were searched out (and verified, unless verification is off)
+    #: the inlier matches of the answer's own verification of ``neighbour``: (K, 4) float32 rows of
+    #: query x, y and neighbour x, y in original-image pixels, K == ``inliers`` (None: not verified
+    #: here). RANSAC is randomised, so a match picture draws these rather than verifying again.
+    matches: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The prediction as JSON-ready data (``matches`` left out: see :attr:`matches`)."""
+        d = asdict(replace(self, matches=None))
+        del d["matches"]
+        return d
 
 
 def extract_one(extractor, img: LoadedImage, label: str) -> Features:
@@ -274,33 +281,53 @@ class Geolocator:
         cand = shortlist(self.index, qw, q_local, cfg.top_k, cfg.local_top_k)
         t2 = time.perf_counter()
         inliers = np.zeros(len(cand.ids), np.int64)
+        checks = []
         if cfg.verify and len(cand.ids):
-            inliers = self.verify_candidates(feats, cand.ids, q_local)
+            checks = self.verifications(feats, cand.ids, q_local)
+            inliers = np.array([-1 if v is None else v.inliers for v in checks], np.int64)
         t3 = time.perf_counter()
         timings = {"extract": round(extract_ms, 2), "search": round((t2 - t1) * 1e3, 2), "verify": round((t3 - t2) * 1e3, 2)}
         pred = self.decide(label, cand.ids, cand.similarities, inliers, timings)
         pred.candidates = int(len(cand.ids))
+        if checks:
+            pred.matches = self._neighbour_matches(feats, cand.ids, checks, pred.neighbour.id)
         return pred
+
+    def _neighbour_matches(self, feats: Features, ids: np.ndarray, checks: list, nid: int) -> np.ndarray:
+        """The inlier matches of the verification of candidate ``nid`` (see ``Prediction.matches``)."""
+        pos = np.flatnonzero(np.asarray(ids) == nid)
+        v = checks[int(pos[0])] if len(pos) else None
+        if v is None or len(v.inlier_pairs) == 0:
+            return np.zeros((0, 4), np.float32)
+        pairs = np.asarray(v.inlier_pairs, np.int64)
+        kp, _ = self.index.local_features(int(nid))
+        q_kp = np.asarray(feats.keypoints[: self.config.verify_config.max_features], np.float32)
+        return np.hstack([q_kp[pairs[:, 0]], np.asarray(kp, np.float32)[pairs[:, 1]]]).astype(np.float32)
 
     def verify_candidates(self, feats: Features, ids: np.ndarray, q_desc: np.ndarray | None = None) -> np.ndarray:
         """Inliers per candidate; -1 marks a candidate whose stored local features are damaged
         (:meth:`decide` leaves it out, with a note). ``q_desc``: the query's local descriptors
         already in the store's matching space."""
+        return np.array([-1 if v is None else v.inliers for v in self.verifications(feats, ids, q_desc)], np.int64)
+
+    def verifications(self, feats: Features, ids: np.ndarray, q_desc: np.ndarray | None = None) -> list:
+        """The :class:`~delg_geo.retrieval.verify.Verification` of each candidate (inliers and
+        inlier pairs), None for a candidate whose stored local features are damaged."""
         vc = self.config.verify_config
         q_kp = feats.keypoints[: vc.max_features]
         if q_desc is None:
             q_desc = self.index.query_local(feats.local_descriptors[: vc.max_features])
 
-        def one(i: int) -> int:
+        def one(i: int):
             kp, desc = self.index.local_features(int(i))
             if self.index.candidate_problem(int(i), kp, desc):
-                return -1
-            return verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, self.index.image_size(int(i))).inliers
+                return None
+            return verify_pair(q_kp, q_desc, kp, desc, vc, feats.image_size, self.index.image_size(int(i)))
 
         from delg_geo.core.runtime import single_threaded_blas
 
         with single_threaded_blas():  # one BLAS thread per verification thread (runtime.py: 5x faster under load)
-            return np.fromiter(self._pool.map(one, ids), dtype=np.int64, count=len(ids))
+            return list(self._pool.map(one, ids))
 
     # -- decision ---------------------------------------------------------------------------
     def decide(self, label, ids, sims, inliers, timings=None) -> Prediction:

@@ -29,6 +29,7 @@ from delg_geo.core.errors import DelgGeoError
 from delg_geo.core.geo import haversine_km
 from delg_geo.retrieval.confidence import LeaveOut
 
+SEED = 0  # RANSAC's seed: a pair gets the same inliers whoever mines it
 NOT_VERIFIED = -2  # a candidate mining did not verify (neither near nor among the far ones checked)
 #: The fewest places (groups of at least two photos that verify each other) worth training on.
 MIN_PLACES = 20
@@ -138,7 +139,7 @@ def mine_photos(index, query_ids, cfg: MiningConfig, *, keys=None, workers: int 
                 kp, desc = index.local_features(j)
                 if index.candidate_problem(j, kp, desc):
                     return NOT_VERIFIED  # damaged stored features: no evidence either way
-                return verify_pair(q_kp, q_desc, kp, desc, vc, q_size, index.image_size(j)).inliers
+                return verify_pair(q_kp, q_desc, kp, desc, vc, q_size, index.image_size(j), seed=SEED).inliers
 
             inl = np.full(len(ids), NOT_VERIFIED, np.int32)
             todo = np.flatnonzero(check)

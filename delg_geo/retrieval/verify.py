@@ -88,8 +88,10 @@ def verify_pair(
     cfg: VerifyConfig = VerifyConfig(),
     q_size: tuple[int, int] | None = None,
     c_size: tuple[int, int] | None = None,
+    seed: int | None = None,
 ) -> Verification:
-    """Match two feature sets and count the inliers of a pydegensac fit."""
+    """Match two feature sets and count the inliers of a pydegensac fit. ``seed`` fixes
+    RANSAC's random draws (the same pair then gets the same count, in any order or thread)."""
     import pydegensac
 
     pairs = mutual_matches(
@@ -108,10 +110,12 @@ def verify_pair(
     sides = [max(s) for s in (q_size, c_size) if s]
     th = cfg.px_threshold * (max(sides) / cfg.ref_side if sides else 1.0)
     if cfg.model == "homography":
-        _, mask = pydegensac.findHomography(src, dst, th, cfg.confidence, cfg.max_iters)
+        _, mask = pydegensac.findHomography(src, dst, th, cfg.confidence, cfg.max_iters,
+                                            **({} if seed is None else {"seed": int(seed)}))
     elif cfg.model == "fundamental":
         _, mask = pydegensac.findFundamentalMatrix(
-            src, dst, th, cfg.confidence, cfg.max_iters, enable_degeneracy_check=True
+            src, dst, th, cfg.confidence, cfg.max_iters, enable_degeneracy_check=True,
+            **({} if seed is None else {"seed": int(seed)})
         )
     else:
         raise ValueError(f"unknown verification model {cfg.model!r}")

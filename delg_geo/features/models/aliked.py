@@ -61,6 +61,32 @@ def _fold_bn(sd, conv_w: np.ndarray, bn: str, conv_b: np.ndarray | None = None):
     return conv_w * scale[:, None, None, None], bias.astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Features:
+    """The L2-normalised (h, w, 128) feature map, read pixel by pixel from the padded map before
+    normalisation (``agg``, the image starting at ``offset`` = (top, left) in it).
+
+    Normalising only the pixels SDDH reads (about 75 of them a keypoint) gives the same vectors as
+    normalising the whole map first, without writing a full-resolution copy of it twice.
+    """
+
+    agg: object
+    offset: object
+    h: object
+    w: object
+
+    def taps(self, _fmap, xi, yi):
+        """The normalised vectors at integer pixels ``(xi, yi)`` of the image, zero outside it
+        (the interface of :func:`delg_geo.features.models.sampling._gather_taps`)."""
+        import tensorflow as tf
+
+        inside = (xi >= 0) & (xi < self.w) & (yi >= 0) & (yi < self.h)
+        xc = tf.clip_by_value(xi, 0, self.w - 1) + self.offset[1]
+        yc = tf.clip_by_value(yi, 0, self.h - 1) + self.offset[0]
+        vals = tf.math.l2_normalize(tf.gather_nd(self.agg, tf.stack([yc, xc], axis=-1)), axis=-1, epsilon=1e-24)
+        return vals * tf.cast(inside, vals.dtype)[..., None]
+
+
 class AlikedNet:
     """ALIKED-n16 with real weights; :meth:`detect` runs it on one or more images."""
 
@@ -106,6 +132,7 @@ class AlikedNet:
             input_signature=[
                 tf.TensorSpec([None, None, DIM], tf.float32),
                 tf.TensorSpec([None, None], tf.float32),
+                tf.TensorSpec([2], tf.int32),
                 tf.TensorSpec([], tf.int32),
             ],
         )
@@ -163,7 +190,8 @@ class AlikedNet:
         return tf.raw_ops.ResizeBilinear(images=x, size=size, align_corners=True, half_pixel_centers=False)
 
     def _dense_fn(self, rgb):
-        """rgb: (H, W, 3) in [0, 255] -> L2-normalised (H, W, 128) features, (H, W) scores."""
+        """rgb: (H, W, 3) in [0, 255] -> the padded image's (Hp, Wp, 128) features before L2
+        normalisation, the (H, W) score map, and where the image starts in the padded one (top, left)."""
         import tensorflow as tf
 
         x = rgb[None] / 255.0
@@ -192,8 +220,8 @@ class AlikedNet:
         s = tf.nn.selu(self._conv(s, "score2", pad=1))
         s = tf.nn.selu(self._conv(s, "score4", pad=1))
         score = tf.sigmoid(self._conv(s, "score6", pad=1))
-        feats = tf.math.l2_normalize(agg, axis=-1, epsilon=1e-24)
-        return feats[0, top : top + h, left : left + w], score[0, top : top + h, left : left + w, 0]
+        # the features stay un-normalised and padded: SDDH normalises only the pixels it reads
+        return agg[0], score[0, top : top + h, left : left + w, 0], tf.stack([top, left])
 
     def _nms(self, scores):
         """Radius-r non-maximum suppression of the (H, W) score map, as DKD does it.
@@ -219,7 +247,7 @@ class AlikedNet:
             max_mask = max_mask | (new_max & ~supp)
         return tf.where(max_mask, scores, zeros)
 
-    def _sparse_fn(self, feats, score, top_k):
+    def _sparse_fn(self, agg, score, offset, top_k):
         import tensorflow as tf
 
         r = self.config.nms_radius
@@ -245,15 +273,15 @@ class AlikedNet:
         kx = tf.cast(px, tf.float32) + tf.reduce_sum(e * tf.cast(dx, tf.float32)[None], axis=1)
         ky = tf.cast(py, tf.float32) + tf.reduce_sum(e * tf.cast(dy, tf.float32)[None], axis=1)
         kscore = sample_bilinear(score[..., None], kx, ky)[:, 0]
-        desc = self._sddh(feats, kx, ky)
+        desc = self._sddh(_Features(agg, offset, h, w), kx, ky)
         order = tf.argsort(kscore, direction="DESCENDING", stable=True)
         kp = tf.stack([kx, ky], axis=1)
         return tf.gather(kp, order), tf.gather(kscore, order), tf.gather(desc, order)
 
-    def _sddh(self, feats, kx, ky):
+    def _sddh(self, feats: "_Features", kx, ky):
         import tensorflow as tf
 
-        h, w = tf.shape(feats)[0], tf.shape(feats)[1]
+        h, w = feats.h, feats.w
         max_offset = tf.cast(tf.maximum(h, w), tf.float32) / 4.0
         # the 3x3 patch's top-left corner, as the reference computes it
         cx = tf.clip_by_value(tf.maximum(tf.cast(kx, tf.int32) - 1, 0), 0, w - 4)
@@ -262,14 +290,14 @@ class AlikedNet:
         ay, ax = tf.meshgrid(d, d, indexing="ij")
         ay = tf.reshape(ay, [-1])
         ax = tf.reshape(ax, [-1])
-        patch = _gather_taps(feats, cx[:, None] + ax[None], cy[:, None] + ay[None])  # (N, 9, C), tap-major
+        patch = feats.taps(None, cx[:, None] + ax[None], cy[:, None] + ay[None])  # (N, 9, C), tap-major
         n = tf.shape(kx)[0]
         hidden = tf.nn.selu(tf.matmul(tf.reshape(patch, [n, -1]), self.w["sddh.off0.w"]) + self.w["sddh.off0.b"])
         off = tf.matmul(hidden, self.w["sddh.off1.w"]) + self.w["sddh.off1.b"]
         off = tf.clip_by_value(off, -max_offset, max_offset)  # (N, 2 * n_pos): x offsets, then y offsets
         sx = kx[:, None] + off[:, :N_POS]
         sy = ky[:, None] + off[:, N_POS:]
-        samples = sample_bilinear(feats, sx, sy)  # (N, n_pos, C)
+        samples = sample_bilinear(None, sx, sy, gather=feats.taps)  # (N, n_pos, C)
         samples = tf.nn.selu(tf.einsum("npc,cd->npd", samples, self.w["sddh.sf.w"]))
         desc = tf.einsum("npc,pcd->nd", samples, self.w["sddh.agg"])
         return tf.math.l2_normalize(desc, axis=-1, epsilon=1e-24)
@@ -291,7 +319,7 @@ class AlikedNet:
         k = tf.constant(int(top_k if top_k is not None else self.config.top_k), tf.int32)
         out = []
         for im in images:
-            feats, score = self._dense(tf.constant(im))
-            kp, sc, de = self._sparse(feats, score, k)
+            agg, score, offset = self._dense(tf.constant(im))
+            kp, sc, de = self._sparse(agg, score, offset, k)
             out.append((kp.numpy(), sc.numpy(), de.numpy()))
         return out

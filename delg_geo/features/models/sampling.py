@@ -37,18 +37,20 @@ def _gather_taps(fmap: tf.Tensor, xi: tf.Tensor, yi: tf.Tensor) -> tf.Tensor:
     return vals * tf.cast(inside, fmap.dtype)[..., None]
 
 
-def sample_bilinear(fmap: tf.Tensor, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
-    """Bilinear samples of ``fmap`` (H, W, C) at pixel positions ``x``, ``y`` (same shape)."""
+def sample_bilinear(fmap: tf.Tensor, x: tf.Tensor, y: tf.Tensor, gather=_gather_taps) -> tf.Tensor:
+    """Bilinear samples of ``fmap`` (H, W, C) at pixel positions ``x``, ``y`` (same shape).
+
+    ``gather(fmap, xi, yi)`` reads the integer taps (default :func:`_gather_taps`)."""
     x0f = tf.floor(x)
     y0f = tf.floor(y)
     wx = (x - x0f)[..., None]
     wy = (y - y0f)[..., None]
     x0 = tf.cast(x0f, tf.int32)
     y0 = tf.cast(y0f, tf.int32)
-    v00 = _gather_taps(fmap, x0, y0)
-    v01 = _gather_taps(fmap, x0 + 1, y0)
-    v10 = _gather_taps(fmap, x0, y0 + 1)
-    v11 = _gather_taps(fmap, x0 + 1, y0 + 1)
+    v00 = gather(fmap, x0, y0)
+    v01 = gather(fmap, x0 + 1, y0)
+    v10 = gather(fmap, x0, y0 + 1)
+    v11 = gather(fmap, x0 + 1, y0 + 1)
     top = v00 * (1.0 - wx) + v01 * wx
     bottom = v10 * (1.0 - wx) + v11 * wx
     return top * (1.0 - wy) + bottom * wy
