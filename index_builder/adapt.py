@@ -37,6 +37,7 @@ from index_builder.work import _kill_point
 
 WORK = ".adapt"
 MAX_MINED = 50_000  # photos mined by default; --sample sets another number
+WHITENING_MIN_IMAGES = 100  # as the build: fewer photos are searched unwhitened
 
 
 @dataclass
@@ -268,7 +269,7 @@ def _new_vectors(index, weights, split, opts: AdaptOptions, work: Path, ray, res
     power, shrink = float(m.whitening.get("power", 0.5)), float(m.whitening.get("shrinkage", 0.1))
     take = np.random.default_rng(0).permutation(len(raw))[:50_000]
     pca = fit_pca_whitening(raw[np.sort(take)], dim=m.search_dim, power=power, shrinkage=shrink) \
-        if m.whitening.get("kind") == "pca" else Whitening.identity(raw.shape[1])
+        if len(raw) >= WHITENING_MIN_IMAGES else Whitening.identity(raw.shape[1])
     scores = {name: recall(w.apply(raw), split) for name, w in (("learned", learned), ("pca", pca))}
     choice = max(scores, key=lambda k: (scores[k]["top1"], scores[k]["top10"], k == "learned"))
     log(f"adapt: held-out self-queries with the learned projection {scores['learned']}, with a PCA refit {scores['pca']}: "

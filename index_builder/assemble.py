@@ -53,7 +53,7 @@ from delg_geo.index.whitening import Whitening, fit_pca_whitening
 
 @dataclass
 class CompactOptions:
-    """How the index is compressed. The defaults are the README's measured choice."""
+    """How the index is compressed (the defaults, and how they were chosen: docs/index-format.md)."""
 
     index_type: str = "auto"  # auto | flat | ivfpq | hnsw
     exact_limit: int = DEFAULT_EXACT_LIMIT

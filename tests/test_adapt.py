@@ -178,7 +178,7 @@ def test_damaged_or_swapped_weights_are_refused(adapted, tmp_path, how):
         b = bytearray(f.read_bytes())
         b[len(b) // 2] ^= 0xFF
         f.write_bytes(bytes(b))
-        why = "does not match its checksum"
+        why = "content does not match its checksum"
     else:  # another index's weights (slightly other ones), listed as if they were this index's own
         w = AdaptedWeights.load(f)
         w.layers["head/bias"] = w.layers["head/bias"] + 0.01

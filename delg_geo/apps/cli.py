@@ -175,7 +175,7 @@ def index_build(
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Connect to this Ray cluster (HOST:PORT or auto); implies --ray."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Ray workers (default: one per GPU, else per CPU)."),
     keep_raw: bool = typer.Option(False, "--keep-raw", help="Also store the model's float32 global descriptors (5 KB an image)."),
-    local_codec: str = typer.Option("pca-int8", "--local-codec", help="Local descriptor storage: pca-int8, pq, pca-binary or float16 (README: the table of choices)."),
+    local_codec: str = typer.Option("pca-int8", "--local-codec", help="Local descriptor storage: pca-int8, pq, pca-binary or float16 (docs/index-format.md: the choices)."),
     local_dim: int = typer.Option(48, "--local-dim", min=0, help="PCA dimension of the local descriptors (0: the model's own)."),
     max_local: int = typer.Option(500, "--max-local", min=1, help="Local features kept per image (the highest-attention ones)."),
     asmk: bool = typer.Option(True, "--asmk/--no-asmk", help="An inverted file over the local features, which adds its own candidates (about 4.5 KB an image)."),

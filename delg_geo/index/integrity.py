@@ -1,8 +1,7 @@
 """Integrity of an index on disk: content checksums, value ranges, damaged candidates.
 
 * **Checksums.** The build records ``xxh3_128`` of every file the manifest lists (xxHash's 128-bit
-  XXH3: about 7 GB/s here, 13x faster than SHA-256, which measured 570 MB/s; it detects damage,
-  which is what it is for, not deliberate tampering, since whoever can edit the files can edit the
+  XXH3, many times faster than SHA-256: docs/results.md); it detects damage, which is what it is for, not deliberate tampering, since whoever can edit the files can edit the
   manifest too). ``delg-geo index verify`` checks them all; opening an index for ``query`` or
   ``serve`` checks ``metadata.csv`` and every file up to :data:`CHEAP_CHECK_BYTES` (the large
   local-feature store is checked per candidate instead).

@@ -1,8 +1,7 @@
 """Stage 4 — verify: local-descriptor matching and geometric verification with pydegensac.
 
-Defaults were chosen on the 220 Venice queries against the 1898 references (README, "Choices
-measured"): a homography beat a fundamental matrix (40.9% vs 36.8% within 100 m), 500 features
-per image matched as well as 1000 at a quarter of the cost, and 15 inliers was the best threshold.
+The defaults (a homography, 500 features per image, 15 inliers) and how they were chosen:
+docs/notes/history.md.
 
 Matching keeps mutual nearest neighbours whose cosine similarity passes ``min_similarity`` and
 whose first/second-neighbour ratio (in descriptor distance) passes ``ratio``. The matches are
@@ -34,14 +33,12 @@ class VerifyConfig:
 
 
 #: Verification settings per local-feature type (``index build --local``). ``delg``: as above.
-#: The learned types match with ratio 0.9 and a tighter homography threshold, the best of ratio
-#: 0.9/0.95 x 4/8/12 px for xfeat on the Venice queries (README, "Local features for
-#: verification"). ``aliked-n16`` (the default) matches the query's best 500 keypoints, as many
-#: as the compact store keeps per image: the self-queries that fit the vote's settings
-#: (``delg_geo.retrieval.calibrate``, stored features on both sides) then see the inlier counts a query
-#: sees. With the query's 1024 they picked a rule tuned for fewer inliers than queries get (44.1 %
-#: within 100 m on Venice, against 46.8 % with 500). The vote's settings (min inliers, base
-#: inliers, radius) are fitted per index by ``delg_geo.retrieval.calibrate`` where the index is calibrated.
+#: The learned types match with ratio 0.9 and a tighter homography threshold. ``aliked-n16`` (the
+#: default) matches the query's best 500 keypoints, as many as the compact store keeps per image:
+#: the self-queries that fit the vote's settings (``delg_geo.retrieval.calibrate``, stored features
+#: on both sides) then see the inlier counts a query sees. The vote's settings (min inliers, base
+#: inliers, radius) are fitted per index by ``delg_geo.retrieval.calibrate`` where the index is
+#: calibrated. How these were chosen: docs/notes/history.md.
 VERIFY_DEFAULTS: dict[str, VerifyConfig] = {
     "delg": VerifyConfig(),
     "xfeat": VerifyConfig(px_threshold=4.0, ratio=0.9, max_features=1024, min_inliers=15),

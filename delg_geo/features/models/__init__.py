@@ -52,7 +52,7 @@ def get_extractor(name: str | None = None, local: str | None = None, local_optio
         options["config"] = LiteDelgConfig(scales=LiteDelgConfig().global_scales)
     from delg_geo.features.models.local_weights import WeightsMissing
 
-    if local_options is None:  # the type's measured defaults (an index passes its manifest's settings)
+    if local_options is None:  # the type's defaults (an index passes its manifest's settings)
         from delg_geo.features.models.local_features import DEFAULT_LOCAL_OPTIONS
 
         local_options = DEFAULT_LOCAL_OPTIONS.get(local, {})

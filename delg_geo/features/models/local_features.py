@@ -27,18 +27,17 @@ def load_network(name: str, **config):
 
 #: Every ``--local`` choice: ``delg`` keeps the global model's own local features.
 LOCAL_CHOICES = ("delg", *LEARNED)
-#: ``index build``'s choice when ``--local`` is not given, with the embedded default model: on the
-#: 220 Venice queries it puts the most answers within 100 m and its confident answers are right
-#: most often (README, "Local features for verification"). Its cost is the build: 3.6-4.0
-#: images/s on 2 unloaded cores against 9.6 with ``delg`` (ALIKED on photos enlarged to 1024 px).
+#: ``index build``'s choice when ``--local`` is not given, with the embedded default model: it puts
+#: the most answers within 100 m, at the cost of a slower build than ``delg`` (the comparison:
+#: docs/results.md).
 DEFAULT_LOCAL = "aliked-n16"
 
 
 #: Settings a type gets when none are given (``get_extractor(local=...)`` without
 #: ``local_options``; an index's own settings always come from its manifest). ALIKED sees the
 #: image enlarged to a longest side of 1024 px: the Venice photos are about 500 px, and the
-#: network, trained on larger images, then finds keypoints that match more often (README, "Local
-#: features for verification": 47.0 % within 100 m against 45.0 %, at about 3x its time).
+#: network, trained on larger images, then finds keypoints that match more often, at a higher
+#: extraction cost (docs/results.md).
 DEFAULT_LOCAL_OPTIONS: dict[str, dict] = {"aliked-n16": {"upscale": True}}
 
 
