@@ -42,7 +42,7 @@ WHITENING_MIN_IMAGES = 100  # as the build: fewer photos are searched unwhitened
 
 @dataclass
 class AdaptOptions:
-    epochs: int = 5
+    epochs: int = 3
     sample: int | None = None  # photos mined (None: all, up to MAX_MINED)
     kind: str | None = None  # finetune | projection (None: finetune for the default model)
     min_places: int = MIN_PLACES
@@ -50,6 +50,7 @@ class AdaptOptions:
     train: TrainConfig = field(default_factory=TrainConfig)
     first_block: int = 15  # finetune: blocks from this one to the head are trained
     train_side: int = 512  # finetune: photos are cached at most this large
+    whitened: bool = False  # finetune: train through a projection of the index's whitening (else raw GeM, PCA after)
     shard_size: int = 64
     workers: int = 2  # verification threads when mining in this process
     batch_size: int = 4
@@ -229,7 +230,7 @@ def _train(index, kind: str, opts: AdaptOptions, mined, split, cfg, work: Path, 
     t = time.perf_counter()
     if kind == "finetune":
         wh = index.whitening
-        model = FinetuneModel(opts.first_block, wh.mean, wh.projection, start=start)
+        model = FinetuneModel(opts.first_block, wh.mean, wh.projection, start=start, whitened=opts.whitened)
         paths = dict(enumerate(index.metadata["path"].astype(str)))
         inputs = cache_maps(paths, opts.first_block, _lite_config(m), opts.train_side, work / "cache",
                             progress=opts.progress, log=log)
@@ -265,16 +266,17 @@ def _new_vectors(index, weights, split, opts: AdaptOptions, work: Path, ray, res
         vectors = l2_normalize(index.search_vectors() @ weights.projection, axis=1)
         return vectors, None, wh, dict(m.whitening, kind="adapted projection", adapted=True), m.model_fingerprint, "projection"
     raw, fingerprint = _reextract(index, weights, opts, work, ray, resumed, log)
-    learned = Whitening(weights.mean.astype(np.float32), weights.projection.astype(np.float32))
     power, shrink = float(m.whitening.get("power", 0.5)), float(m.whitening.get("shrinkage", 0.1))
     take = np.random.default_rng(0).permutation(len(raw))[:50_000]
     pca = fit_pca_whitening(raw[np.sort(take)], dim=m.search_dim, power=power, shrinkage=shrink) \
         if len(raw) >= WHITENING_MIN_IMAGES else Whitening.identity(raw.shape[1])
-    scores = {name: recall(w.apply(raw), split) for name, w in (("learned", learned), ("pca", pca))}
+    candidates = {"pca": pca}
+    if weights.projection is not None:  # trained through a projection: it competes with a PCA refit
+        candidates["learned"] = Whitening(weights.mean.astype(np.float32), weights.projection.astype(np.float32))
+    scores = {name: recall(w.apply(raw), split) for name, w in candidates.items()}
     choice = max(scores, key=lambda k: (scores[k]["top1"], scores[k]["top10"], k == "learned"))
-    log(f"adapt: held-out self-queries with the learned projection {scores['learned']}, with a PCA refit {scores['pca']}: "
-        f"{choice}")
-    wh = learned if choice == "learned" else pca
+    log(f"adapt: held-out self-queries by whitening: {scores}: {choice}")
+    wh = candidates[choice]
     info = dict(kind="learned projection" if choice == "learned" else m.whitening.get("kind", "pca"), adapted=True,
                 dim=wh.out_dim, power=power, shrinkage=shrink, fitted_on=int(len(take)), held_out=scores)
     return wh.apply(raw), raw, wh, info, fingerprint, choice

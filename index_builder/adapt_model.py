@@ -23,7 +23,7 @@ from delg_geo.features.models.adapted import AdaptedWeights
 from index_builder.work import _kill_point
 
 #: The tap whose output feeds block ``first_block`` (the frozen part's last block).
-TAP_BEFORE = {15: "stage6", 11: "stage5", 8: "stage4", 5: "stage3"}
+TAP_BEFORE = {16: "stage7", 15: "stage6", 11: "stage5", 8: "stage4", 5: "stage3"}  # 16: the head only
 
 
 def _tf():
@@ -38,7 +38,10 @@ class FinetuneModel:
     kind = "finetune"
 
     def __init__(self, first_block: int, mean: np.ndarray, projection: np.ndarray | None, start: AdaptedWeights | None = None,
-                 gem_p: float = 3.0):
+                 gem_p: float = 3.0, whitened: bool = False):
+        """``whitened``: train through a projection (initialised with the index's whitening
+        ``mean``, ``projection``; the centre is kept) and embed in its space; otherwise embed the
+        raw L2-normalised GeM (Radenović's recipe: a PCA whitening is fitted afterwards)."""
         from delg_geo.features.models.efficientnet_lite import build_tail, converted_weights, tail_layer_names
 
         tf = _tf()
@@ -51,11 +54,13 @@ class FinetuneModel:
             gem_p = start.gem_p
         self.names = tail_layer_names(first_block)
         self.tail = build_tail(first_block, weights)
-        proj = np.eye(len(mean), dtype=np.float32) if projection is None else projection
+        self.whitened = whitened
         self.p = tf.Variable(float(gem_p), dtype=tf.float32, name="gem_p")
-        self.mean = tf.Variable(np.asarray(mean, np.float32), name="mean")
-        self.proj = tf.Variable(np.asarray(proj, np.float32), name="projection")
-        self.variables = list(self.tail.trainable_variables) + [self.p, self.mean, self.proj]
+        self.mean = tf.constant(np.asarray(mean, np.float32))
+        self.base_proj = tf.constant(np.eye(len(mean), dtype=np.float32) if projection is None else projection)
+        d = int(self.base_proj.shape[1])
+        self.rot = tf.Variable(np.eye(d, dtype=np.float32), name="projection")  # learned, in the whitened space
+        self.variables = list(self.tail.trainable_variables) + [self.p] + ([self.rot] if whitened else [])
         self.start = [v.numpy().copy() for v in self.variables]
         self._fn = tf.function(self._forward, input_signature=[tf.TensorSpec([None, None, None, None], tf.float32)])
 
@@ -65,7 +70,20 @@ class FinetuneModel:
         p = tf.clip_by_value(self.p, 1.0, 20.0)
         gem = tf.pow(tf.reduce_mean(tf.pow(tf.maximum(h, 1e-6), p), axis=[1, 2]), 1.0 / p)
         raw = tf.math.l2_normalize(gem, axis=1)
-        return tf.math.l2_normalize(tf.matmul(raw - self.mean, self.proj), axis=1)
+        if not self.whitened:
+            return raw
+        return tf.math.l2_normalize(tf.matmul(tf.matmul(raw - self.mean, self.base_proj), self.rot), axis=1)
+
+    def search_space(self, emb: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
+        """Embeddings as the index would search them: raw ones whitened by a PCA fitted on
+        ``fit_on`` rows (as the rebuild fits it), whitened ones as they are."""
+        if self.whitened:
+            return emb
+        from delg_geo.index.whitening import fit_pca_whitening
+
+        if len(fit_on) < 100:
+            return emb
+        return fit_pca_whitening(emb[fit_on], dim=int(self.base_proj.shape[1]), power=0.5, shrinkage=0.1).apply(emb)
 
     def embed(self, inputs: list[np.ndarray]):
         """(len(inputs), d) embeddings of same-shaped maps, as one batch."""
@@ -76,8 +94,9 @@ class FinetuneModel:
         for name in self.names:
             k, b = self.tail.get_layer(name).get_weights()
             layers[f"{name}/kernel"], layers[f"{name}/bias"] = k, b
+        proj = (self.base_proj.numpy() @ self.rot.numpy()) if self.whitened else None
         return AdaptedWeights("finetune", base_fingerprint, layers, self.first_block, float(np.clip(self.p.numpy(), 1, 20)),
-                              self.mean.numpy(), self.proj.numpy(), recipe)
+                              self.mean.numpy() if self.whitened else None, proj, recipe)
 
 
 class ProjectionModel:
@@ -95,6 +114,9 @@ class ProjectionModel:
 
     def embed(self, inputs: list[np.ndarray]):
         return self._fn(np.stack(inputs).astype(np.float32))
+
+    def search_space(self, emb: np.ndarray, fit_on: np.ndarray) -> np.ndarray:
+        return emb
 
     def export(self, base_fingerprint: str, recipe: dict) -> AdaptedWeights:
         return AdaptedWeights("projection", base_fingerprint, projection=self.proj.numpy(), recipe=recipe)

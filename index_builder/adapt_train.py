@@ -36,14 +36,14 @@ CELL_DEG = (0.0045, 0.0064)  # about 500 m x 500 m at mid latitudes
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 5
-    tuples_per_epoch: int = 1000
+    epochs: int = 3
+    tuples_per_epoch: int = 500
     batch: int = 8  # tuples per step
     negatives: int = 5
-    loss: str = "contrastive"  # or "softmax"
-    margin: float = 1.0
+    loss: str = "softmax"  # or "contrastive"
+    margin: float = 0.85  # contrastive: on raw GeM descriptors, as Radenović et al.
     temperature: float = 0.05
-    lr: float = 1e-4
+    lr: float = 1e-5
     pull: float = 1e-2  # L2 towards the starting weights
     holdout: float = 0.2  # fraction of map cells held out for choosing the epoch
     seed: int = 0
@@ -182,7 +182,7 @@ def train(model, inputs: dict[int, np.ndarray], mined, split: Split, lats, lons,
 
     def evaluate() -> dict:
         emb = _full_embedding(model, inputs, all_ids, len(lats))
-        return recall(emb, split)
+        return recall(model.search_space(emb, pool), split)
 
     if not history:
         history.append(dict(epoch=0, loss=None, heldout=evaluate(), seconds=0.0))

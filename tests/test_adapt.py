@@ -74,7 +74,7 @@ def _options(**kw):
     from index_builder.adapt_train import TrainConfig
 
     return AdaptOptions(epochs=kw.pop("epochs", 2), min_places=2, shard_size=8, progress=False,
-                        train=TrainConfig(tuples_per_epoch=32, batch=4), **kw)
+                        train=TrainConfig(tuples_per_epoch=32, batch=4, lr=1e-4), **kw)
 
 
 @pytest.fixture(scope="module")

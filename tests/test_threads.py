@@ -15,6 +15,7 @@ from conftest import REPO
 PROBE = """
 import json, os, sys
 {before}
+nice0 = os.getpriority(os.PRIO_PROCESS, 0)
 from delg_geo.core import runtime
 mode, threads = sys.argv[1], (int(sys.argv[2]) if sys.argv[2] != "-" else None)
 ok = (runtime.configure_for_throughput if mode == "throughput" else runtime.configure_for_latency)(threads)
@@ -23,7 +24,7 @@ tf.constant(1.0) + 1.0  # starts the runtime with those pools
 print(json.dumps(dict(ok=ok, intra=tf.config.threading.get_intra_op_parallelism_threads(),
                       inter=tf.config.threading.get_inter_op_parallelism_threads(),
                       available=runtime.available_cpus(), omp=os.environ.get("OMP_NUM_THREADS"),
-                      wait=os.environ.get("OMP_WAIT_POLICY"))))
+                      wait=os.environ.get("OMP_WAIT_POLICY"), nice0=nice0, nice=os.getpriority(os.PRIO_PROCESS, 0))))
 """
 
 
@@ -43,6 +44,15 @@ def test_threads_option_sizes_tensorflows_pools():
     assert (out["intra"], out["inter"]) == (1, 3)  # one thread an op, one image in flight a CPU
     out = _probe("latency", 3)
     assert (out["intra"], out["inter"]) == (3, 3)
+
+
+def test_batch_work_yields_the_cpu_and_interactive_work_does_not():
+    out = _probe("throughput", 2)
+    assert out["nice"] == min(19, out["nice0"] + 10)
+    out = _probe("throughput", 2, env={"DELG_GEO_NICE": "0"})
+    assert out["nice"] == out["nice0"]
+    out = _probe("latency", 2)
+    assert out["nice"] == out["nice0"]
 
 
 def test_environment_variable_sets_the_count():

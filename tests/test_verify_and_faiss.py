@@ -76,10 +76,19 @@ def test_faiss_index_types_find_the_true_neighbours(kind):
         choose_index_type(10, "lsh")
 
 
-def test_gpu_and_cpu_give_the_same_neighbours():
-    """Runs where FAISS sees a GPU; elsewhere it checks the CPU path is what `to_device` returns."""
+def _faiss_gpus() -> int:
     import faiss
 
+    try:
+        return int(faiss.get_num_gpus())
+    except AttributeError:  # faiss-cpu builds without the GPU functions
+        return 0
+
+
+def test_gpu_and_cpu_give_the_same_neighbours():
+    """The flat index moved to the GPU(s) finds what the CPU index finds (only where FAISS sees a GPU)."""
+    if _faiss_gpus() == 0:
+        pytest.skip("FAISS sees no GPU (faiss-cpu, or no device): the GPU search path cannot run here")
     from delg_geo.index.geo_index import build_faiss, to_device
 
     rng = np.random.default_rng(2)
@@ -87,13 +96,20 @@ def test_gpu_and_cpu_give_the_same_neighbours():
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     cpu = build_faiss(x, "flat")
     dev, where = to_device(cpu)
-    _, a = cpu.search(x[:100], 5)
-    _, b = dev.search(x[:100], 5)
+    assert where.startswith("gpu") and dev is not cpu, where
+    sa, a = cpu.search(x[:100], 5)
+    sb, b = dev.search(x[:100], 5)
     np.testing.assert_array_equal(a, b)
-    if faiss.get_num_gpus() == 0:
-        assert where == "cpu"
-    else:
-        assert where.startswith("gpu")
+    np.testing.assert_allclose(sa, sb, atol=1e-5)
+
+
+def test_without_a_gpu_the_index_stays_on_the_cpu():
+    if _faiss_gpus() > 0:
+        pytest.skip("FAISS sees a GPU here: test_gpu_and_cpu_give_the_same_neighbours covers it")
+    from delg_geo.index.geo_index import build_faiss, to_device
+
+    cpu = build_faiss(np.eye(8, dtype=np.float32), "flat")
+    assert to_device(cpu) == (cpu, "cpu")
 
 
 def test_ivfpq_probes_enough_lists_for_weak_matches():

@@ -4,7 +4,8 @@
 
 Without a command after ``--``, it builds an index of the first ``--n`` rows of the Venice
 ``reference.csv`` (``index build --no-calibrate --json --overwrite``, default local features) in
-a temporary folder. Samples are counted where they land (self time, ``--no-children``), for
+a temporary folder; with ``--steady`` it profiles the extraction alone, in steady state: ``--n``
+photos through ``iter_extract`` with the default extractor, after a warm-up on 8. Samples are counted where they land (self time, ``--no-children``), for
 the whole process and for TensorFlow's compute threads (``tf_Compute``) alone, and grouped:
 the kernel (page faults and page zeroing, munmap and the rest), pooling, convolutions and
 matrix products, memmove/memcpy, the Python interpreter, OpenBLAS, and the rest. oneDNN's JIT
@@ -120,6 +121,32 @@ def build_command(data: Path, n: int, index: Path, extra: list[str]) -> list[str
             "--no-calibrate", "--json", "--overwrite", *extra]
 
 
+def _extract_loop(data: Path, n: int) -> dict:
+    """The process ``--steady`` profiles: set up as ``index build`` is, warm up, then extract ``n`` photos."""
+    import pandas as pd
+
+    try:  # absent in older checkouts
+        from delg_geo.core.memory import keep_freed_memory
+
+        keep_freed_memory()
+    except ImportError:
+        pass
+    from delg_geo.core.runtime import configure_for_throughput
+
+    configure_for_throughput()
+    from delg_geo.features.extract import iter_extract
+    from delg_geo.features.models import get_extractor
+
+    paths = [str(data / p) for p in pd.read_csv(data / "reference.csv").image.iloc[:n]]
+    ext = get_extractor(None, local="aliked-n16")
+    list(iter_extract(paths[:8], ext))
+    c0 = time.process_time()
+    ok = sum(r.ok for r in iter_extract(paths, ext))
+    out = dict(images=len(paths), ok=ok, cpu_s_per_image=round((time.process_time() - c0) / len(paths), 3))
+    print(json.dumps(out))
+    return out
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     cmd = argv[argv.index("--") + 1:] if "--" in argv else None
@@ -133,14 +160,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--cwd", type=Path, default=REPO, help="run in this checkout (for example an older commit's)")
     ap.add_argument("--perf-data", type=Path, help="keep perf.data here")
     ap.add_argument("--report-only", action="store_true", help="only summarise an existing --perf-data")
+    ap.add_argument("--steady", action="store_true", help="profile steady-state extraction, not a whole build")
+    ap.add_argument("--extract-loop", action="store_true", help=argparse.SUPPRESS)  # the profiled process of --steady
     args = ap.parse_args(argv)
+    if args.extract_loop:
+        return _extract_loop(args.data, args.n)
+    if args.steady and cmd is None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--extract-loop", "--data", str(args.data), "--n", str(args.n)]
     if args.report_only:
         out = dict(label=args.label, whole_process=_report(args.perf_data), tensorflow_threads=_report(args.perf_data, "tf_Compute"))
     else:
         with tempfile.TemporaryDirectory() as tmp:
             if cmd is None:
                 cmd = build_command(args.data, args.n, Path(tmp) / "index", args.build_option)
-            out = profile(cmd, args.label, cwd=args.cwd, data=args.perf_data)
+            env = dict(os.environ, PYTHONPATH=str(args.cwd.resolve())) if args.steady else None  # that checkout's package
+            out = profile(cmd, args.label, cwd=args.cwd, env=env, data=args.perf_data)
     print(json.dumps(out, indent=2))
     if args.out:
         args.out.write_text(json.dumps(out, indent=2) + "\n")

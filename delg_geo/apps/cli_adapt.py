@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 
-def run_adapt(index: Path, *, epochs: int = 5, sample: Optional[int] = None, kind: Optional[str] = None,
+def run_adapt(index: Path, *, epochs: int = 3, sample: Optional[int] = None, kind: Optional[str] = None,
               min_places: Optional[int] = None, ray=None, json_out: bool = False) -> dict:
     """Adapt ``index`` and print the outcome (one JSON object with ``json_out``); returns the report."""
     from delg_geo.apps.cli_common import _emit_json
@@ -46,7 +46,7 @@ def register(index_app: typer.Typer) -> None:
     @index_app.command("adapt")
     def index_adapt(
         index: Optional[Path] = typer.Option(None, "--index", "-i", help="Index folder (default: $DELG_GEO_INDEX)."),
-        epochs: int = typer.Option(5, "--epochs", min=0, help="Training epochs (the best on held-out self-queries is kept)."),
+        epochs: int = typer.Option(3, "--epochs", min=0, help="Training epochs (the best on held-out self-queries is kept)."),
         sample: Optional[int] = typer.Option(None, "--sample", min=2, help="Photos mined (default: all, up to 50,000)."),
         kind: Optional[str] = typer.Option(None, "--kind", help="finetune (the default model's later blocks) or "
                                            "projection (any model). Default: finetune for the default model."),

@@ -124,13 +124,42 @@ def _set_tensorflow_threads(intra: int, inter: int) -> bool:
     return True
 
 
+_NICED = False
+
+
+def yield_to_interactive() -> int:
+    """Lower this process's CPU priority by ``DELG_GEO_NICE`` (default 10; 0 keeps it), every
+    thread it has and every thread it starts after: batch work then takes only the CPU time an
+    interactive process (a ``serve`` answering, a shell) leaves, and all of it on an idle machine.
+    Once per process; returns the increment applied."""
+    global _NICED
+    inc = os.environ.get("DELG_GEO_NICE", "10").strip()
+    inc = int(inc) if inc.lstrip("-").isdigit() else 10
+    if _NICED or inc <= 0 or not hasattr(os, "setpriority"):
+        return 0
+    _NICED = True
+    try:
+        target = min(19, os.getpriority(os.PRIO_PROCESS, 0) + inc)
+        tids = [int(t) for t in os.listdir("/proc/self/task")] if os.path.isdir("/proc/self/task") else [0]
+        for tid in tids:  # on Linux a priority is per thread; new threads inherit their creator's
+            try:
+                os.setpriority(os.PRIO_PROCESS, tid, target)
+            except OSError:
+                pass
+    except OSError:
+        return 0
+    return inc
+
+
 def configure_for_throughput(threads: int | None = None) -> bool:
     """One TensorFlow thread per op, several images in flight (see ``iter_extract``): the
-    inter-op pool has one thread per available CPU (:func:`available_cpus`, or ``threads``).
+    inter-op pool has one thread per available CPU (:func:`available_cpus`, or ``threads``),
+    and the process yields the CPU to interactive ones (:func:`yield_to_interactive`).
 
     Only possible before TensorFlow starts its runtime; returns whether it took effect.
     ``DELG_GEO_INTRA_OP_THREADS`` overrides the one thread per op.
     """
+    yield_to_interactive()
     if threads is not None:
         set_threads(threads)
     intra = int(os.environ.get("DELG_GEO_INTRA_OP_THREADS", "1"))

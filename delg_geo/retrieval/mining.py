@@ -10,8 +10,9 @@ its candidates are verified with the index's stored local features
   ``min_inliers`` inliers are **positives** (the pair is kept once, with the larger of its two
   inlier counts when both photos were mined);
 * of the candidates at least ``negative_km`` away, the ``verify_far`` most similar ones are
-  verified: those that do not verify are **hard negatives** (globally alike, far apart); those
-  that do (a landmark seen from afar, a wrong geotag) are kept apart from both lists;
+  verified: those with fewer than ``negative_inliers`` (they do not verify) are **hard
+  negatives** (globally alike, far apart); those that do verify (a landmark seen from afar, a
+  wrong geotag) are kept apart from both lists;
 * candidates in between are neither, and are not verified.
 
 **Places** are the connected groups of photos that positives join. Everything here is a pure
@@ -41,7 +42,9 @@ class MiningConfig:
     local_top_k: int | None = None  # the inverted file's candidates (None: as many as top_k)
     radius_km: float | None = None  # positives lie within this (None: the index's confidence radius)
     negative_km: float = 0.3  # hard negatives lie at least this far
-    min_inliers: int | None = None  # None: the index's calibrated rule, else its local type's default
+    min_inliers: int | None = None  # a positive verifies with this many (None: the stricter of the index's
+    # calibrated rule and its local type's default: training wants sure positives)
+    negative_inliers: int | None = None  # a hard negative has fewer (None: the calibrated rule's, else the default)
     verify_far: int = 20  # far candidates verified per photo (the most similar ones)
     leave_out: LeaveOut = field(default_factory=LeaveOut)
 
@@ -59,12 +62,14 @@ def resolve(index, cfg: MiningConfig) -> MiningConfig:
     from delg_geo.retrieval.confidence import load_index_calibration
 
     radius = cfg.radius_km if cfg.radius_km is not None else float(index.manifest.confidence_radius_km)
-    min_inl = cfg.min_inliers
-    if min_inl is None:
-        cal = load_index_calibration(index)
-        min_inl = cal.rule.min_inliers if cal is not None else query_settings(index)[1].min_inliers
+    cal = load_index_calibration(index)
+    default = query_settings(index)[1].min_inliers
+    rule = cal.rule.min_inliers if cal is not None else default
+    min_inl = cfg.min_inliers if cfg.min_inliers is not None else max(rule, default)
+    neg_inl = cfg.negative_inliers if cfg.negative_inliers is not None else rule
     local_k = cfg.top_k if cfg.local_top_k is None else cfg.local_top_k
-    return replace(cfg, radius_km=float(radius), min_inliers=int(min_inl), local_top_k=int(local_k))
+    return replace(cfg, radius_km=float(radius), min_inliers=int(min_inl), negative_inliers=int(neg_inl),
+                   local_top_k=int(local_k))
 
 
 @dataclass
@@ -228,9 +233,9 @@ def mined_set(rows: MinedRows, lats, lons, cfg: MiningConfig, max_negatives: int
     verified = rows.inliers >= cfg.min_inliers
     pos = verified & (d_km <= cfg.radius_km)
     positives, pos_inl = _unique_pairs(a[pos], b[pos], rows.inliers[pos])
-    far_v = verified & (d_km >= cfg.negative_km)
+    far_v = (rows.inliers >= cfg.negative_inliers) & (d_km >= cfg.negative_km)
     far_verified, _ = _unique_pairs(a[far_v], b[far_v], rows.inliers[far_v])
-    neg = (rows.inliers >= 0) & ~verified & (d_km >= cfg.negative_km)
+    neg = (rows.inliers >= 0) & (rows.inliers < cfg.negative_inliers) & (d_km >= cfg.negative_km)
     if len(far_verified) and neg.any():  # a pair that verifies from either side is never a negative
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         fv = set(map(tuple, far_verified.tolist()))

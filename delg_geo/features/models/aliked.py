@@ -126,9 +126,11 @@ class AlikedNet:
         self.w["sddh.off1.b"] = c(sd["desc_head.offset_conv.2.bias"])
         self.w["sddh.sf.w"] = c(sd["desc_head.sf_conv.weight"][:, :, 0, 0].T.copy())
         self.w["sddh.agg"] = c(sd["desc_head.agg_weights"])  # (n_pos, in, out)
-        self._dense = tf.function(self._dense_fn, input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
+        # the graphs have no data-dependent Python control flow: traced as written, without AutoGraph's rewrite
+        self._dense = tf.function(self._dense_fn, autograph=False, input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
         self._sparse = tf.function(
             self._sparse_fn,
+            autograph=False,
             input_signature=[
                 tf.TensorSpec([None, None, DIM], tf.float32),
                 tf.TensorSpec([None, None], tf.float32),
@@ -145,13 +147,23 @@ class AlikedNet:
 
     # -- layers -------------------------------------------------------------------------------
     def _conv(self, x, name, pad=0):
+        """Stride-1 convolution with ``pad`` zero pixels on each side (plus bias, if the layer has one)."""
         import tensorflow as tf
 
-        if pad:
-            x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        y = tf.nn.conv2d(x, self.w[name + ".w"], 1, "VALID")
+        w = self.w[name + ".w"]
+        if not pad and w.shape[0] == w.shape[1] == 1:
+            # a 1x1 convolution is one matrix product over the pixels (the same dot products), run as a GEMM
+            shape = tf.shape(x)
+            y = tf.reshape(tf.matmul(tf.reshape(x, [-1, w.shape[2]]), w[0, 0]), tf.concat([shape[:3], [w.shape[3]]], 0))
+        elif pad and w.shape[0] == w.shape[1] == 2 * pad + 1:
+            # "SAME" is that zero padding: the same values, without a padded copy of the input
+            y = tf.nn.conv2d(x, w, 1, "SAME")
+        else:
+            if pad:
+                x = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+            y = tf.nn.conv2d(x, w, 1, "VALID")
         b = self.w.get(name + ".b")
-        return y if b is None else y + b
+        return y if b is None else tf.nn.bias_add(y, b)  # BiasAdd: oneDNN adds it inside the convolution
 
     def _deform_conv(self, x, name):
         """3x3 deformable conv (stride 1, padding 1) of one image x: (1, H, W, C)."""

@@ -238,7 +238,8 @@ def build_tail(first_block: int, weights: dict[str, np.ndarray] | None = None):
         weights, _ = converted_weights()
     layers = tf.keras.layers
     specs = block_specs()
-    inp = layers.Input(shape=(None, None, specs[first_block][3]), name="tail_in")
+    channels = specs[first_block][3] if first_block < len(specs) else specs[-1][4]  # past the last block: the head only
+    inp = layers.Input(shape=(None, None, channels), name="tail_in")
     x = inp
     for idx in range(first_block, len(specs)):
         x = _block(layers, x, idx, *specs[idx])
