@@ -98,14 +98,54 @@ def test_bench_scale_small_run(tmp_path):
         assert len(rows) == 3 and {"error_km", "method", "neighbour", "total_ms"} <= set(rows.columns)
 
 
+def test_with_and_without_runs_answer_with_the_same_rule_and_confidence(tmp_path):
+    """The copy with distractors carries the real index's calibration: both runs decide with the
+    same rule and turn evidence into the same confidence."""
+    import shutil
+
+    from delg_geo.index.geo_index import GeoIndex
+    from delg_geo.retrieval.confidence import Calibration, fit_confidence, load_index_calibration, write_calibration
+    from delg_geo.retrieval.decision import EVIDENCE, DecisionRule
+
+    geo, ref, venice = tiny_index(tmp_path / "tiny")
+    real = tmp_path / "real"
+    shutil.copytree(geo.index.path, real)
+    rng = np.random.default_rng(0)
+    ev = rng.random((200, len(EVIDENCE))) * 30
+    cal = Calibration(radius_km=0.1, rule=DecisionRule(12, 6, 0.06),
+                      confidence_map=fit_confidence(ev, ev[:, 0] + rng.normal(0, 5, 200) > 15))
+    write_calibration(real, cal)
+    ref.head(2)[["image", "lat", "lon"]].to_csv(tmp_path / "queries.csv", index=False)
+    out, _ = _run(["--index", real, "--queries", tmp_path / "queries.csv", "--images", venice, "--distractors", 500,
+                   "--out", tmp_path / "out", "--json", "--chunk", 500, "--local-pool", 20_000, "--keep"], timeout=1200)
+    assert out["calibration"] == "carried from the real index"
+    copy = next(p for p in (tmp_path / "out").iterdir() if (p / "manifest.json").exists())
+    a, b = (load_index_calibration(GeoIndex(d, device="cpu")) for d in (real, copy))
+    assert a is not None and b is not None
+    assert a.rule == b.rule == cal.rule and a.radius_km == b.radius_km
+    assert np.array_equal(a.confidence(ev), b.confidence(ev))
+
+
+def _venice_index() -> Path:
+    """The default Venice index the million-distractor run needs: ``DELG_GEO_VENICE_INDEX``, else
+    ``runs/venice-index``, built there with the default settings when missing (about 20 minutes on 2 cores)."""
+    venice = shared_path("venice")
+    index = Path(os.environ.get("DELG_GEO_VENICE_INDEX", REPO / "runs" / "venice-index"))
+    if not (index / "manifest.json").exists():
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        res = subprocess.run([sys.executable, "-m", "delg_geo", "index", "build", str(venice), "--metadata",
+                              str(venice / "reference.csv"), "--index", str(index), "--json"],
+                             capture_output=True, text=True, env=env, timeout=4 * 3600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    return index
+
+
 @pytest.mark.benchmark
 def test_bench_scale_one_million(tmp_path):
     """The issue's targets at 1,000,000 distractors on the Venice index (about 30 GB of disk and an
     hour on 2 cores): <= 32 KB an image, peak RSS <= 4 GB, query p50 <= 1 s, <= 2 points lost."""
     venice = shared_path("venice")
-    index = Path(os.environ.get("DELG_GEO_VENICE_INDEX", REPO / "runs" / "venice-index"))
-    if not (index / "manifest.json").exists():
-        pytest.skip(f"no Venice index at {index} (tools/venice_report.sh builds it)")
+    index = _venice_index()
     out, _ = _run(["--index", index, "--queries", venice / "queries.csv", "--images", venice,
                    "--distractors", 1_000_000, "--out", tmp_path / "scale", "--json"], timeout=6 * 3600)
     print(json.dumps(out))
