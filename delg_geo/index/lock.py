@@ -108,33 +108,28 @@ def _swap_fd(index_dir: Path, create: bool) -> int | None:
 
 
 @contextlib.contextmanager
+def _swap_lock(index_dir: Path, exclusive: bool):
+    import fcntl
+
+    # a writer creates the file when it takes its lock; a reader never writes into the index
+    fd = _swap_fd(Path(index_dir), create=exclusive)
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
 def swapping(index_dir: str | Path):
     """Held while a writer moves files into ``index_dir``: readers wait until it is done."""
-    import fcntl
-
-    fd = _swap_fd(Path(index_dir), create=True)
-    try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return _swap_lock(Path(index_dir), exclusive=True)
 
 
-@contextlib.contextmanager
 def reading(index_dir: str | Path):
     """Held by a reader while it reads the manifest and opens the files."""
-    import fcntl
-
-    fd = _swap_fd(Path(index_dir), create=False)  # a writer creates it when it takes its lock
-    try:
-        if fd is not None:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return _swap_lock(Path(index_dir), exclusive=False)
 
 
 _STORAGE = {
