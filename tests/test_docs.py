@@ -205,3 +205,15 @@ def test_usage_names_every_command_and_option_and_the_readme_every_command():
         assert f"delg-geo {name}" in readme or re.search(rf"`{re.escape(name.split()[0])} {re.escape(last)}\b", readme), name
         missing = [o for o in options if o != "--help" and not re.search(rf"{re.escape(o)}(?![\w-])", usage)]
         assert not missing, (name, missing)
+
+
+def test_the_readme_headline_numbers_come_from_the_results():
+    """Every number in the README's results section is a value some committed result file holds
+    (thousands commas ignored): a headline typed by hand, or left behind by a new run, fails."""
+    section = README.read_text(encoding="utf-8").split("## Results", 1)[1].split("\n## ", 1)[0]
+    held = set()
+    for path in RESULTS.glob("*.json"):
+        held |= set(re.findall(r"-?\d+(?:\.\d+)?", path.read_text(encoding="utf-8").replace(",", "")))
+    quoted = re.findall(r"\d[\d,]*(?:\.\d+)?", section)
+    missing = sorted({q for q in quoted if q.replace(",", "") not in held})
+    assert quoted and not missing, missing
