@@ -516,19 +516,29 @@ def test_the_progress_bar_advances_per_batch_not_per_window(tmp_path, monkeypatc
             pass
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
+    import threading
+
     ext = FakeExtractor()
-    calls = []
     real = ext.extract_batch
-    ext.extract_batch = lambda ims: calls.append(len(ims)) or real(ims)
-    first_yield_after = None
+    got_first = threading.Event()
+    later_batches_saw_it: list[bool] = []
+
+    def extract_batch(ims):
+        # every batch after the first waits for the first answer to reach the caller: were answers
+        # held back until the whole window is done, this would wait in vain and record False
+        if later_batches_saw_it or getattr(extract_batch, "called", False):
+            later_batches_saw_it.append(got_first.wait(timeout=20))
+        extract_batch.called = True
+        return real(ims)
+
+    ext.extract_batch = extract_batch
     out = []
     for res in iter_extract(sorted(images.iterdir()), ext, batch_size=2, window=32, progress=True, net_workers=1):
-        if first_yield_after is None:
-            first_yield_after = sum(calls)
+        got_first.set()
         out.append(res)
     assert [r.index for r in out] == list(range(12)) and all(r.ok for r in out)
     assert sum(updates) == 12 and max(updates) <= 2 and len(updates) >= 6, updates
-    assert first_yield_after < 12  # the first answer comes before the whole window is done
+    assert later_batches_saw_it and all(later_batches_saw_it), later_batches_saw_it  # answers flow as batches finish
 
 
 # -- 6. tests that cannot fail, and commands that must not vanish ----------------------------------------------
